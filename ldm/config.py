@@ -1,0 +1,66 @@
+"""Config helpers shared by the entry points: size presets, `ckpt_path=last`, config identity."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def apply_size(cfg: DictConfig) -> DictConfig:
+    """Merge the `size` preset into `cfg.model`, touching only keys the model config already has.
+
+    A preset (configs/size/*.yaml) lists widths and depths for every kind of network; intersecting
+    with the chosen model keeps the experiment's structure (factor, attention placement, lists) and
+    never adds a constructor argument a network does not take.
+    """
+    overrides = cfg.get("size", {}).get("model", None)
+    if overrides:
+        with open_dict(cfg):
+            _merge_existing(cfg.model, overrides)
+    return cfg
+
+
+def _merge_existing(target: DictConfig, overrides: DictConfig) -> None:
+    for key, value in overrides.items():
+        if key not in target:
+            continue
+        if isinstance(value, DictConfig):
+            if isinstance(target[key], DictConfig):
+                _merge_existing(target[key], value)
+        else:
+            target[key] = value
+
+
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra")) -> str:
+    """A short stable hash of a resolved config, ignoring where things are written."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    for key in exclude:
+        container.pop(key, None)
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
+    """`last` means the newest `checkpoints/last.ckpt` among this task's runs; paths must exist."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        pattern = os.path.join(log_dir, task_name, "*", "*", "checkpoints", "last.ckpt")
+        candidates = sorted(glob.glob(pattern), key=os.path.getmtime)
+        if not candidates:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoint matches {pattern}. Train first, or pass ckpt_path=PATH."
+            )
+        return candidates[-1]
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Pass an existing .ckpt or `last`.")
+    return ckpt_path
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain python containers for anything that ends up in a checkpoint (loadable with weights_only)."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg

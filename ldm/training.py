@@ -1,0 +1,95 @@
+"""What `train.py` does with a composed config: build data, model, callbacks, loggers, trainer; fit.
+
+Also chains the two stages: a latent-diffusion config without `model.first_stage_ckpt` gets its
+stage-1 autoencoder trained first (or reused from the cache, keyed by the stage-1 config's hash), so
+neither the quickstart nor a factor sweep needs a hand-copied path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldm.checkpoint import AtomicCheckpointIO
+from ldm.config import apply_size, config_hash, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+LATENT_DIFFUSION_TARGET = "ldm.LatentDiffusion"
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    last_ckpt: str
+    trainer: pl.Trainer
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Fit the configured model; returns where the final checkpoint is."""
+    apply_size(cfg)
+    if cfg.model._target_ == LATENT_DIFFUSION_TARGET and not cfg.model.get("first_stage_ckpt"):
+        with open_dict(cfg):
+            cfg.model.first_stage_ckpt = ensure_first_stage(cfg)
+    output_dir = cfg.paths.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    if cfg.get("init_from"):
+        model.load_weights_from(cfg.init_from)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    last_ckpt = os.path.join(output_dir, "checkpoints", "last.ckpt")
+    trainer.save_checkpoint(last_ckpt)
+    log.info("Finished: %s", last_ckpt)
+    return TrainResult(output_dir=output_dir, last_ckpt=last_ckpt, trainer=trainer)
+
+
+def ensure_first_stage(cfg: DictConfig) -> str:
+    """Train the stage-1 experiment `cfg.first_stage` names, unless an identical one is cached.
+
+    The stage-1 run shares this run's data, seed, size and accelerator, so a sweep over
+    `experiment=ldm_f4_text,ldm_f8_text,...` trains each factor's autoencoder once and reuses it.
+    """
+    first_stage = cfg.get("first_stage")
+    if not first_stage or not first_stage.get("experiment"):
+        raise ValueError(
+            "model.first_stage_ckpt is not set and the config names no `first_stage.experiment` to train. "
+            "Pass model.first_stage_ckpt=PATH (a stage-1 checkpoint, e.g. outputs/ae_kl_f8/runs/.../last.ckpt)."
+        )
+    overrides = [f"experiment={first_stage.experiment}", f"size={cfg.size.name}", f"seed={cfg.seed}"]
+    overrides += list(first_stage.get("overrides") or [])
+    stage1 = hydra.compose(config_name="train", overrides=overrides)
+    with open_dict(stage1):
+        stage1.data = cfg.data
+        stage1.paths = OmegaConf.merge(cfg.paths, {"output_dir": "."})  # placeholder, set below
+        for key in ("accelerator", "devices", "num_nodes", "precision"):
+            stage1.trainer[key] = cfg.trainer[key]
+        stage1.logger = cfg.get("logger")
+    apply_size(stage1)
+    run_dir = os.path.join(cfg.paths.cache_dir, "first_stage", f"{first_stage.experiment}_{config_hash(stage1)}")
+    done_marker = os.path.join(run_dir, "DONE")
+    last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    if os.path.exists(done_marker) and os.path.exists(last_ckpt):
+        log.info("Reusing the stage-1 model %s", last_ckpt)
+        return last_ckpt
+    log.info("Training the stage-1 model %s into %s", first_stage.experiment, run_dir)
+    with open_dict(stage1):
+        stage1.paths.output_dir = run_dir
+    result = train(stage1)
+    with open(done_marker, "w") as f:
+        f.write(result.last_ckpt + "\n")
+    return result.last_ckpt

@@ -1,0 +1,18 @@
+"""Train a model: `python train.py experiment=ae_kl_f8`, `python train.py experiment=ldm_f8_text ...`.
+
+With no arguments it runs the embedded default (experiment=quickstart). Every key is overridable on the
+command line; `-m` sweeps. See README.md and configs/.
+"""
+import hydra
+from omegaconf import DictConfig
+
+from ldm.training import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
