@@ -50,20 +50,25 @@ def build_ours(layers_per_block: int) -> torch.nn.Module:
 def build_diffusers(layers_per_block: int) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    net = UNet2DConditionModel(
+    return DiffusersCallAdapter(UNet2DConditionModel(
         sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         block_out_channels=WIDTHS, layers_per_block=layers_per_block,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=CONTEXT_DIM, attention_head_dim=HEADS,  # diffusers' legacy name: the head count
         norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
-    )
+    ))
 
-    def forward(x, t, context):
-        return UNet2DConditionModel.forward(net, x, t, encoder_hidden_states=context, return_dict=False)[0]
 
-    net.forward = forward
-    return net
+class DiffusersCallAdapter(torch.nn.Module):
+    """Gives the diffusers UNet our call signature `(x, t, context) -> tensor`."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, encoder_hidden_states=context, return_dict=False)[0]
 
 
 CONTENDERS: dict[str, Callable[[int], torch.nn.Module]] = {"ldm": build_ours, "diffusers": build_diffusers}

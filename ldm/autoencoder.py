@@ -1,4 +1,4 @@
-"""Stage 1 LightningModule: trains the KL autoencoder against its PatchGAN (Rombach et al. 2022, sec. 3.1)."""
+"""Stage 1 LightningModule: the KL autoencoder against its PatchGAN (Rombach et al. 2022, sec. 3.1)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -80,12 +80,15 @@ class AutoencoderKL(pl.LightningModule):
         if self.loss.discriminator_active(step):
             with self.toggled_optimizer(discriminator_opt):
                 d_loss, d_log = self.loss.discriminator_loss(images, reconstructions, step)
-                self._guarded_step(discriminator_opt, d_loss, "discriminator", advances_global_step=False)
+                self._guarded_step(
+                    discriminator_opt, d_loss, "discriminator", advances_global_step=False
+                )
             log.update(d_log)
         log["nonfinite_steps"] = float(self.nonfinite_steps)
         total = log.pop("loss")
-        self.log("train/loss", total, prog_bar=True)
-        self.log_dict({f"train/{name}": value for name, value in log.items()})
+        batch_size = images.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}": value for name, value in log.items()}, batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
@@ -95,7 +98,11 @@ class AutoencoderKL(pl.LightningModule):
         log["psnr"] = psnr(images, reconstructions)
         if self.loss.perceptual_loss is not None and self.loss.lpips_pretrained:
             log["lpips"] = log["p_loss"]
-        self.log_dict({f"val/{name}": value for name, value in log.items()}, sync_dist=True)
+        self.log_dict(
+            {f"val/{name}": value for name, value in log.items()},
+            sync_dist=True,
+            batch_size=images.shape[0],
+        )
         if batch_idx == 0:
             self._save_reconstruction_grid(images, reconstructions)
 
@@ -133,9 +140,8 @@ class AutoencoderKL(pl.LightningModule):
         grid = interleave(images[:count], reconstructions[:count])
         path = Path(log_dir) / "images" / f"recon_step{self.global_step:07d}.png"
         save_image_grid(grid, path, nrow=2)
-        log_image_grid(
-            self.trainer, "val/reconstructions", path, self.global_step, caption="input | reconstruction"
-        )
+        caption = "input | reconstruction"
+        log_image_grid(self.trainer, "val/reconstructions", path, self.global_step, caption)
 
 
 def psnr(images: Tensor, reconstructions: Tensor) -> Tensor:

@@ -228,7 +228,7 @@ class LatentDiffusion(pl.LightningModule):
             uncond=uncond,
             cfg_scale=cfg_scale,
             prediction_type=self.hparams.prediction_type,
-            generators=make_generators(seed + seed_offset, n, device=self.device),
+            generators=make_generators(seed + seed_offset, n),  # CPU generators: same samples on any device
             init_latent=init_latent,
             strength=strength,
             progress=progress,

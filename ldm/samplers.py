@@ -46,7 +46,7 @@ def sample(
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Draw z_0 of the given `shape` (B, C, H, W) with `steps` denoiser evaluations.
+    """Draw z_0 of the given `shape` (B, C, H, W) with `steps` denoiser calls (no autograd).
 
     model_fn(x_t, t, cond) returns the `prediction_type` ("eps" or "v") output for x_t at the
     int64 timesteps t (B,). With `uncond` and `cfg_scale` != 1 each step makes ONE batched call on
@@ -55,8 +55,9 @@ def sample(
     does not depend on the batch it is drawn in. `x_T` replaces the initial noise. `init_latent`
     with `strength` in (0, 1] runs image-to-image (SDEdit, Meng et al. 2022): the last
     int(steps * strength) steps of the grid, from q_sample(init_latent) at the first of them.
-    `eta` is DDIM's stochasticity (0: deterministic, 1: DDPM-like). `callback(i, t, x)` sees
-    the latent after each step i, taken at timestep t.
+    `eta` is DDIM's stochasticity (0: deterministic, 1: DDPM-like). `timestep_spacing` and
+    `steps_offset` place the grid (see `spaced_timesteps`; offset 1 is Stable Diffusion's).
+    `callback(i, t, x)` sees the latent after each step i, taken at timestep t.
     """
     solver_cls = _lookup_sampler(sampler)
     if eta != 0.0 and solver_cls is not DDIMSolver:
@@ -65,6 +66,8 @@ def sample(
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     cond = {} if cond is None else cond
     batch_size = shape[0]
+    if generators is not None and len(generators) != batch_size:
+        raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {batch_size}")
     device = torch.device(device) if device is not None else schedule.alphas_cumprod.device
     timesteps = spaced_timesteps(
         schedule.num_timesteps, steps, timestep_spacing, steps_offset, skip_zero=solver_cls.skips_zero_timestep
@@ -102,7 +105,9 @@ def guided_denoiser(
     if uncond is None or cfg_scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
     if set(uncond) != set(cond):
-        raise ValueError(f"cond and uncond must have the same keys for guidance, got {sorted(cond)} and {sorted(uncond)}")
+        raise ValueError(
+            f"cond and uncond must have the same keys for guidance, got {sorted(cond)} and {sorted(uncond)}"
+        )
     both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
@@ -164,8 +169,9 @@ def spaced_timesteps(
     timesteps = [int(t) for t in grid]
     if timesteps[0] >= num_timesteps or timesteps[-1] < 0 or len(set(timesteps)) != steps:
         raise ValueError(
-            f"{steps} {spacing!r} steps with steps_offset={steps_offset} give timesteps {timesteps[0]}…{timesteps[-1]}, "
-            f"outside 0…{num_timesteps - 1} or repeated: use fewer steps, steps_offset=0, or timestep_spacing='trailing'"
+            f"{steps} {spacing!r} steps with steps_offset={steps_offset} give timesteps "
+            f"{timesteps[0]}…{timesteps[-1]}, outside 0…{num_timesteps - 1} or repeated: "
+            "use fewer steps, steps_offset=0, or timestep_spacing='trailing'"
         )
     return timesteps
 
@@ -198,7 +204,9 @@ class DDPMSolver(Solver):
     def step(self, i: int, x: Tensor, x0: Tensor, eps: Tensor, draw_noise: Callable[[], Tensor]) -> Tensor:
         alpha_bar, alpha_bar_prev = self.alpha_bars[i], self.alpha_bars[i + 1]
         beta = 1.0 - alpha_bar / alpha_bar_prev
-        mean = (alpha_bar_prev.sqrt() * beta * x0 + (1.0 - beta).sqrt() * (1.0 - alpha_bar_prev) * x) / (1.0 - alpha_bar)
+        x0_coef = alpha_bar_prev.sqrt() * beta / (1.0 - alpha_bar)
+        x_coef = (1.0 - beta).sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+        mean = x0_coef * x0 + x_coef * x
         if i == self.last_step:  # the posterior at alpha_bar_prev = 1 has zero variance
             return mean
         variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
@@ -208,7 +216,11 @@ class DDPMSolver(Solver):
 class DDIMSolver(Solver):
     """DDIM (Song et al. 2021, eq. 12) with sigma_t = eta * sqrt((1 - ab_prev) / (1 - ab_t))
     * sqrt(1 - ab_t / ab_prev) (eq. 16). The last step goes to alpha_bar_0, not 1, as Stable
-    Diffusion's scheduler (set_alpha_to_one=False) and the CompVis DDIM sampler."""
+    Diffusion's scheduler (set_alpha_to_one=False) and the CompVis DDIM sampler.
+
+    Each step goes to the next timestep of the grid. diffusers' DDIMScheduler goes to
+    t - T // steps instead: the same for "leading", and for "trailing" when steps divides T, but
+    off the grid for "linspace", where we do not follow it."""
 
     lands_on_clean = False
 
@@ -292,7 +304,8 @@ def _initial_latent(
         raise ValueError("pass either x_T (the initial noise) or init_latent (image-to-image), not both")
     given = x_T if x_T is not None else init_latent
     if given is not None and tuple(given.shape) != tuple(shape):
-        raise ValueError(f"{'x_T' if x_T is not None else 'init_latent'} has shape {tuple(given.shape)}, expected {tuple(shape)}")
+        name = "x_T" if x_T is not None else "init_latent"
+        raise ValueError(f"{name} has shape {tuple(given.shape)}, expected {tuple(shape)}")
     if x_T is not None:
         return x_T.to(device)
     dtype = init_latent.dtype if init_latent is not None else torch.float32
@@ -303,7 +316,9 @@ def _initial_latent(
     return schedule.q_sample(init_latent.to(device), t, noise)
 
 
-def _alpha_bar_levels(schedule: NoiseSchedule, timesteps: list[int], lands_on_clean: bool, dtype: torch.dtype) -> Tensor:
+def _alpha_bar_levels(
+    schedule: NoiseSchedule, timesteps: list[int], lands_on_clean: bool, dtype: torch.dtype
+) -> Tensor:
     """alpha_bar at the grid timesteps, then at the level the last step goes to."""
     table = schedule.alphas_cumprod
     final = torch.ones_like(table[:1]) if lands_on_clean else table[:1]

@@ -151,8 +151,10 @@ class InceptionV3Features(ResizingExtractor):
         return features
 
     def weights_identity(self) -> dict[str, Any]:
-        return {"implementation": "torch-fidelity FeatureExtractorInceptionV3", "weights": self.WEIGHTS_FILE
-                if os.path.basename(self.weights_path) == self.WEIGHTS_FILE else file_digest(self.weights_path)}
+        # The release file name carries its hash; any other file is identified by its content.
+        is_release_file = os.path.basename(self.weights_path) == self.WEIGHTS_FILE
+        weights = self.WEIGHTS_FILE if is_release_file else file_digest(self.weights_path)
+        return {"implementation": "torch-fidelity FeatureExtractorInceptionV3", "weights": weights}
 
 
 class CLIPFeatures(ResizingExtractor):
@@ -265,9 +267,12 @@ def _local_or_cached_weights(weights_path: str | None, file_name: str, url: str)
 
 
 def _clip_hint(arch: str, pretrained: str, reason: str) -> str:
+    import open_clip
+
+    source = open_clip.get_pretrained_cfg(arch, pretrained).get("hf_hub") or "its release URL"
     return (
-        f"cannot load CLIP weights {arch}/{pretrained} ({reason}). Put them in the Hugging Face cache "
-        f"($HF_HOME) with network access once, or pass a local state dict: "
+        f"cannot load CLIP weights {arch}/{pretrained} ({reason}). Fetch them from {source} into the "
+        f"Hugging Face cache ($HF_HOME) with network access once, or pass a local state dict: "
         f"features.pretrained=/path/to/open_clip_model.safetensors (features.arch={arch})."
     )
 

@@ -1,0 +1,95 @@
+"""Every experiment composes, the size presets shrink networks without changing their structure,
+and a mistyped key is a clear error."""
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ldm.config import apply_size, config_hash, resolve_ckpt_path
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "experiment")) if f.endswith(".yaml"))
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+    return apply_size(cfg)
+
+
+def widths(cfg) -> dict:
+    model = cfg.model
+    if "vae" in model:
+        return {"ch": model.vae.ch, "blocks": model.vae.num_res_blocks, "mult": list(model.vae.ch_mult)}
+    return {"ch": model.unet.model_channels, "blocks": model.unet.num_res_blocks, "mult": list(model.unet.channel_mult)}
+
+
+def test_all_contract_experiments_exist():
+    for name in ["ae_kl_f4", "ae_kl_f8", "ae_kl_f16", "ldm_f4_text", "ldm_f8_text", "ldm_f16_text",
+                 "ldm_f8_class", "ldm_f8_uncond", "quickstart"]:
+        assert name in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_tiny_keeps_structure(experiment):
+    paper = compose_train([f"experiment={experiment}", "size=paper"])
+    tiny = compose_train([f"experiment={experiment}", "size=tiny"])
+    OmegaConf.to_container(tiny.model, resolve=True)  # every interpolation resolves
+    assert widths(tiny)["ch"] < widths(paper)["ch"] or experiment == "quickstart"
+    assert widths(tiny)["mult"] == widths(paper)["mult"]  # same factor / depth structure
+    if "unet" in tiny.model:
+        attention = tiny.model.unet.attention_resolutions
+        assert list(attention) == list(paper.model.unet.attention_resolutions)
+        if tiny.model.unet.get("context_dim") is not None:
+            assert tiny.model.unet.context_dim == tiny.model.conditioner.width
+
+
+def test_size_only_touches_existing_keys():
+    cfg = compose_train(["experiment=ae_kl_f8", "size=tiny"])
+    assert "unet" not in cfg.model and "conditioner" not in cfg.model
+    assert cfg.model.vae.ch == 16 and cfg.model.vae.norm_groups == 8
+
+
+def test_factor_experiments_set_latent_channels():
+    for f, channels in [(4, 3), (8, 4), (16, 16)]:
+        ae = compose_train([f"experiment=ae_kl_f{f}"])
+        assert 2 ** (len(ae.model.vae.ch_mult) - 1) == f
+        assert ae.model.vae.embed_dim == channels
+        ldm = compose_train([f"experiment=ldm_f{f}_text"])
+        assert ldm.model.unet.in_channels == channels
+        assert ldm.first_stage.experiment == f"ae_kl_f{f}"
+
+
+def test_unknown_key_is_a_clear_error():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(["experiment=ae_kl_f8", "model.vae.chanels=3"])
+    message = str(info.value) + str(info.value.__cause__)
+    assert "chanels" in message
+
+
+def test_unknown_experiment_is_a_clear_error():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(["experiment=ae_kl_f32"])
+    assert "ae_kl_f32" in str(info.value)
+
+
+def test_config_hash_ignores_paths_only():
+    a = OmegaConf.create({"model": {"x": 1}, "paths": {"output_dir": "/a"}})
+    b = OmegaConf.create({"model": {"x": 1}, "paths": {"output_dir": "/b"}})
+    c = OmegaConf.create({"model": {"x": 2}, "paths": {"output_dir": "/a"}})
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_ckpt_path_last_finds_newest(tmp_path):
+    for run, mtime in [("2026-01-01_00-00-00", 100), ("2026-01-02_00-00-00", 200)]:
+        path = tmp_path / "ae" / "runs" / run / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+    assert resolve_ckpt_path("last", str(tmp_path), "ae").endswith("2026-01-02_00-00-00/checkpoints/last.ckpt")
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
+        resolve_ckpt_path("last", str(tmp_path), "other")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), str(tmp_path), "ae")

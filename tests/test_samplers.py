@@ -1,0 +1,220 @@
+"""Samplers: step-by-step parity with diffusers' schedulers, guidance, reproducibility, img2img.
+
+The parity runs use float64 latents and a fixed deterministic denoiser: the Bayes-optimal eps for
+Gaussian data plus a small fixed random conv term, so latents stay O(1) like a trained model's.
+What is left of the difference (~1e-6) comes from the alpha_bar tables: diffusers accumulates
+them in float32, we in float64 (see test_schedule.py), and its DPM-Solver rounds the latent to
+float32 inside each step.
+"""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from ldm.samplers import SAMPLERS, guided_denoiser, make_generators, randn_per_sample, sample, spaced_timesteps
+from ldm.schedule import NoiseSchedule
+
+SCHEDULE = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012)
+DIFFUSERS_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SHAPE = (2, 4, 6, 6)
+_CONV = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+
+
+class Denoiser:
+    """A deterministic eps- or v-model that records its calls (input batch size, x_t, t)."""
+
+    def __init__(self, prediction_type: str = "eps") -> None:
+        self.prediction_type = prediction_type
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.calls.append((x.shape[0], x.clone(), t.clone()))
+        ab = SCHEDULE.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
+        optimal = (1 - ab).sqrt() * x / (0.25 * ab + 1 - ab)  # E[eps | x_t] for x0 ~ N(0, 0.5^2)
+        time_term = (t.to(x.dtype) / 150).sin().view(-1, 1, 1, 1)
+        eps = optimal + 0.1 * torch.tanh(torch.nn.functional.conv2d(x, _CONV.to(x.dtype), padding=1) + time_term)
+        if "y" in cond:
+            eps = eps + 0.1 * cond["y"].to(x.dtype).view(-1, 4, 1, 1)
+        if self.prediction_type == "eps":
+            return eps
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def _x_T(dtype: torch.dtype = torch.float64, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def _diffusers_trajectory(scheduler, x: torch.Tensor, steps: int, model: Denoiser, step_kwargs: dict) -> list:
+    """(t, x after the step) for each step, per-step noise from the same per-sample generators as ours."""
+    scheduler.set_timesteps(steps)
+    generators, trajectory = make_generators(5, x.shape[0]), []
+    for t in scheduler.timesteps:
+        out = model(x, t.expand(x.shape[0]), {})
+        x = scheduler.step(out, t, x, generator=generators, **step_kwargs).prev_sample
+        trajectory.append((int(t), x))
+    return trajectory
+
+
+SD_DDIM = dict(clip_sample=False, set_alpha_to_one=False)  # Stable Diffusion's DDIM settings
+PARITY_CASES = {  # id: (diffusers scheduler, its non-default config, our sample() arguments, steps)
+    "ddpm": (DDPMScheduler, dict(clip_sample=False, steps_offset=1), dict(sampler="ddpm"), 10),
+    "ddim-eta0": (DDIMScheduler, dict(**SD_DDIM, steps_offset=1), dict(sampler="ddim"), 10),
+    "ddim-eta1": (DDIMScheduler, dict(**SD_DDIM, steps_offset=1), dict(sampler="ddim", eta=1.0), 10),
+    "ddim-v-trailing": (
+        DDIMScheduler,
+        dict(**SD_DDIM, timestep_spacing="trailing", prediction_type="v_prediction"),
+        dict(sampler="ddim", timestep_spacing="trailing", prediction_type="v"),
+        20,
+    ),
+    "dpmpp2m-linspace": (
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="dpmsolver++", solver_order=2),
+        dict(sampler="dpmpp_2m", timestep_spacing="linspace"),
+        10,
+    ),
+    "dpmpp2m-leading-20-v": (
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading", steps_offset=1,
+             prediction_type="v_prediction"),
+        dict(sampler="dpmpp_2m", prediction_type="v"),
+        20,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_trajectory_matches_diffusers(case: str) -> None:
+    scheduler_cls, config, ours, steps = PARITY_CASES[case]
+    model = Denoiser(ours.get("prediction_type", "eps"))
+    x_T = _x_T()
+    step_kwargs = {"eta": ours.get("eta", 0.0)} if scheduler_cls is DDIMScheduler else {}
+    expected = _diffusers_trajectory(scheduler_cls(**DIFFUSERS_SCHEDULE, **config), x_T, steps, model, step_kwargs)
+    trajectory = []
+    final = sample(
+        model, SCHEDULE, SHAPE, steps=steps, x_T=x_T, generators=make_generators(5, SHAPE[0]),
+        callback=lambda i, t, x: trajectory.append((t, x)), **ours,
+    )
+    assert [t for t, _ in trajectory] == [t for t, _ in expected]
+    for (_, ours_x), (_, theirs_x) in zip(trajectory, expected):
+        torch.testing.assert_close(ours_x, theirs_x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(final, expected[-1][1], atol=1e-5, rtol=0)
+    assert final.abs().max() < 10  # a meaningful comparison: the latents did not blow up
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_eps_and_v_parameterisations_of_one_model_sample_the_same(sampler: str) -> None:
+    runs = [
+        sample(Denoiser(kind), SCHEDULE, SHAPE, sampler=sampler, steps=8, x_T=_x_T(), prediction_type=kind,
+               generators=make_generators(0, 2))
+        for kind in ("eps", "v")
+    ]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 10, 50, 333])
+def test_timestep_grids_match_diffusers(spacing: str, steps: int) -> None:
+    for scheduler_cls, skip_zero in ((DDIMScheduler, False), (DPMSolverMultistepScheduler, True)):
+        scheduler = scheduler_cls(**DIFFUSERS_SCHEDULE, timestep_spacing=spacing, steps_offset=1)
+        scheduler.set_timesteps(steps)
+        assert spaced_timesteps(1000, steps, spacing, 1, skip_zero=skip_zero) == scheduler.timesteps.tolist()
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0)])
+def test_sample_i_does_not_depend_on_the_batch(sampler: str, eta: float) -> None:
+    cond = {"y": torch.randn(4, 4, generator=torch.Generator().manual_seed(2))}
+    uncond = {"y": torch.zeros(4, 4)}
+    common = dict(sampler=sampler, eta=eta, steps=6, cfg_scale=3.0)
+    batch = sample(Denoiser(), SCHEDULE, (4, 4, 6, 6), cond=cond, uncond=uncond, generators=make_generators(10, 4),
+                   **common)
+    alone = sample(Denoiser(), SCHEDULE, (1, 4, 6, 6), cond={"y": cond["y"][3:]}, uncond={"y": uncond["y"][3:]},
+                   generators=make_generators(10, 1, offset=3), **common)
+    torch.testing.assert_close(batch[3:], alone, atol=1e-6, rtol=0)
+    assert not torch.allclose(batch[0], batch[3], atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_one_model_call_per_step_and_one_batched_call_for_guidance(sampler: str) -> None:
+    cond, uncond = {"y": torch.ones(2, 4)}, {"y": torch.zeros(2, 4)}
+    plain, guided = Denoiser(), Denoiser()
+    sample(plain, SCHEDULE, (2, 4, 6, 6), sampler=sampler, steps=7, cond=cond, generators=make_generators(0, 2))
+    sample(guided, SCHEDULE, (2, 4, 6, 6), sampler=sampler, steps=7, cond=cond, uncond=uncond, cfg_scale=4.0,
+           generators=make_generators(0, 2))
+    assert [batch for batch, _, _ in plain.calls] == [2] * 7
+    assert [batch for batch, _, _ in guided.calls] == [4] * 7
+    grid = spaced_timesteps(1000, 7, "leading", 1, skip_zero=sampler == "dpmpp_2m")
+    assert [t[0].item() for _, _, t in plain.calls] == grid
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_other_scales_change_the_output() -> None:
+    cond, uncond = {"y": torch.ones(2, 4)}, {"y": -torch.ones(2, 4)}
+    common = dict(steps=5, x_T=_x_T(torch.float32), cond=cond)
+    conditional_only, scale_one = Denoiser(), Denoiser()
+    reference = sample(conditional_only, SCHEDULE, SHAPE, **common)
+    torch.testing.assert_close(sample(scale_one, SCHEDULE, SHAPE, uncond=uncond, cfg_scale=1.0, **common), reference,
+                               atol=0, rtol=0)
+    assert [batch for batch, _, _ in scale_one.calls] == [2] * 5  # no unconditional pass
+    guided = sample(Denoiser(), SCHEDULE, SHAPE, uncond=uncond, cfg_scale=5.0, **common)
+    assert (guided - reference).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_guided_output_is_uncond_plus_scale_times_difference(prediction_type: str) -> None:
+    model = Denoiser(prediction_type)
+    x, t = _x_T(torch.float32), torch.tensor([500, 20])
+    cond, uncond = {"y": torch.ones(2, 4)}, {"y": torch.zeros(2, 4)}
+    expected = model(x, t, uncond) + 7.5 * (model(x, t, cond) - model(x, t, uncond))
+    torch.testing.assert_close(guided_denoiser(model, cond, uncond, 7.5)(x, t), expected)
+    with pytest.raises(ValueError, match="same keys"):
+        guided_denoiser(model, cond, {"context": torch.zeros(2, 3, 8)}, 7.5)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_img2img_runs_the_last_steps_from_the_noised_init_latent(sampler: str) -> None:
+    init_latent = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    model = Denoiser()
+    out = sample(model, SCHEDULE, SHAPE, sampler=sampler, steps=10, init_latent=init_latent, strength=0.55,
+                 generators=make_generators(3, 2))
+    grid = spaced_timesteps(1000, 10, "leading", 1, skip_zero=sampler == "dpmpp_2m")
+    assert [t[0].item() for _, _, t in model.calls] == grid[5:]  # int(10 * 0.55) = 5 steps
+    t_start = torch.full((2,), grid[5])
+    expected_start = SCHEDULE.q_sample(init_latent, t_start, randn_per_sample(SHAPE, make_generators(3, 2), "cpu"))
+    torch.testing.assert_close(model.calls[0][1], expected_start, atol=0, rtol=0)
+    assert out.shape == SHAPE and torch.isfinite(out).all()
+
+
+def test_img2img_matches_diffusers_ddim() -> None:
+    init_latent = torch.randn(SHAPE, dtype=torch.float64)
+    noise = randn_per_sample(SHAPE, make_generators(3, 2), "cpu", torch.float64)
+    ours = sample(Denoiser(), SCHEDULE, SHAPE, steps=10, init_latent=init_latent, strength=0.6,
+                  generators=make_generators(3, 2))
+    scheduler = DDIMScheduler(**DIFFUSERS_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps[4:]
+    x, model = scheduler.add_noise(init_latent, noise, timesteps[:1]), Denoiser()
+    for t in timesteps:
+        x = scheduler.step(model(x, t.expand(2), {}), t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=0)
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    model = Denoiser()
+    with pytest.raises(ValueError, match="ddpm, ddim, dpmpp_2m"):
+        sample(model, SCHEDULE, SHAPE, sampler="euler")
+    with pytest.raises(ValueError, match="leading, trailing, linspace"):
+        sample(model, SCHEDULE, SHAPE, timestep_spacing="karras")
+    with pytest.raises(ValueError, match="eta only applies"):
+        sample(model, SCHEDULE, SHAPE, sampler="ddpm", eta=0.5)
+    with pytest.raises(ValueError, match="one generator per sample"):
+        sample(model, SCHEDULE, SHAPE, x_T=_x_T(torch.float32), generators=make_generators(0, 3))
+    with pytest.raises(ValueError, match="x_T has shape"):
+        sample(model, SCHEDULE, SHAPE, x_T=torch.zeros(1, 4, 6, 6))
+    with pytest.raises(ValueError, match="strength must be in"):
+        sample(model, SCHEDULE, SHAPE, init_latent=torch.zeros(SHAPE), strength=1.5)
+    with pytest.raises(ValueError, match="runs no step"):
+        sample(model, SCHEDULE, SHAPE, steps=4, init_latent=torch.zeros(SHAPE), strength=0.2)
+    with pytest.raises(ValueError, match="batch size"):
+        sample(model, SCHEDULE, SHAPE, cond={"y": torch.zeros(3, 4)})
+    with pytest.raises(ValueError, match="steps_offset=0"):
+        sample(model, SCHEDULE, SHAPE, sampler="ddpm", steps=1000)
+    assert model.calls == []
