@@ -10,6 +10,7 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from ldm.config import global_batch_size
 from ldm.distributions import DiagonalGaussian
 from ldm.losses import AutoencoderLoss
 from ldm.nets.vae import KLAutoencoder
@@ -25,6 +26,8 @@ class AutoencoderKL(pl.LightningModule):
     autoencoder step advances it (Lightning would otherwise count both optimizers' steps,
     Lightning issue #17958), so `max_steps`, `disc_start` and checkpoint intervals agree.
     A loss that is NaN or inf skips its optimizer step; `nonfinite_steps` counts those skips.
+    With `scale_lr`, `learning_rate` is per sample and is multiplied by the global batch size
+    (`batch_size` x devices x nodes), the CompVis convention.
     """
 
     def __init__(
@@ -34,6 +37,8 @@ class AutoencoderKL(pl.LightningModule):
         learning_rate: float = 4.5e-6,
         adam_betas: tuple[float, float] = (0.5, 0.9),
         num_log_images: int = 8,
+        scale_lr: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -61,6 +66,8 @@ class AutoencoderKL(pl.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr, betas = self.hparams.learning_rate, tuple(self.hparams.adam_betas)
+        if self.hparams.scale_lr:
+            lr *= global_batch_size(self.trainer, self.hparams.batch_size)
         autoencoder_params = [*self.vae.parameters(), self.loss.logvar]
         return [
             torch.optim.Adam(autoencoder_params, lr=lr, betas=betas),

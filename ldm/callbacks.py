@@ -71,3 +71,155 @@ class SampleGrid(pl.Callback):
         caption = "; ".join(self.prompts) if isinstance(conditions, list) else None
         log_image_grid(trainer, "samples", path, step=step, caption=caption)
         return path
+
+
+# ---------------------------------------------------------------------------- periodic evaluation
+import json  # noqa: E402  (kept beside the one class that uses them: this section is self-contained)
+from dataclasses import replace  # noqa: E402
+from typing import Mapping  # noqa: E402
+
+from ldm.evaluation import (  # noqa: E402
+    DataSplitImages,
+    EvaluationOptions,
+    build_features,
+    check_sample_count,
+    data_identity,
+    evaluate_images,
+    evaluation_conditions,
+    reference_statistics_for,
+)
+from ldm.generation import SamplerSettings, _as_model_inputs  # noqa: E402
+from ldm.metrics import images_to_uint8  # noqa: E402
+
+
+class EvaluationCallback(pl.Callback):
+    """Every `every_n_steps` (and at the end of training): FID, precision / recall, density / coverage, IS
+    and (shapes) prompt fidelity of `num_samples` images drawn with the EMA weights, against the
+    datamodule's val split; logged as `eval/<metric>` and appended to `<run dir>/eval/metrics.jsonl`.
+
+    Distributed: every rank samples an equal share (sample i keeps seed + i, so the set is the one a
+    single process draws, and FSDP sees every rank in every forward); rank 0 gathers the images and alone
+    computes features and metrics (reference statistics once, cached under `cache_dir`); the other
+    ranks wait for its result in a broadcast, which is the barrier.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 256,
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        cfg_scale: float = 5.0,
+        seed: int = 0,
+        batch_size: int = 32,
+        features: Mapping[str, Any] | str = "auto",
+        k: int = 3,
+        density_k: int = 5,
+        num_real: int | None = 1000,
+        cache_dir: str = ".cache/metrics",
+        data_identity: Any = None,
+    ) -> None:
+        """`features` as in configs/features/ (a name or `{name: ..., **kwargs}`); `data_identity` names the
+        reference data for the statistics cache (the data config), default: the datamodule's hparams."""
+        self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
+        self.settings = SamplerSettings(sampler, steps, eta, cfg_scale, seed)
+        features = {"name": features} if isinstance(features, str) else dict(features)
+        self.options = EvaluationOptions(features=features, k=k, density_k=density_k, num_real=num_real,
+                                         cache_dir=cache_dir, batch_size=batch_size)
+        check_sample_count(num_samples, self.options)
+        self.data_identity = data_identity
+        self.history: list[dict[str, Any]] = []  # rank 0: the metrics of every evaluation
+        self._last_step = -1
+        self._conditions: list[str | int | None] | None = None
+        self._extractor = self._reference = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.datamodule is None:
+            raise ValueError("EvaluationCallback compares samples with the datamodule's val split: pass "
+                             "trainer.fit(model, datamodule=...), or drop the `evaluation` callback.")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        """Sample, gather on rank 0, compute and log; every rank returns rank 0's metrics."""
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        if self._conditions is None:  # rank 0 reads the val captions; every rank samples the same list
+            conditions = self._read_conditions(trainer, pl_module) if trainer.is_global_zero else None
+            self._conditions = trainer.strategy.broadcast(conditions, src=0)
+        was_training = pl_module.training
+        pl_module.eval()
+        with pl_module.ema_weights():
+            images = self._sample_share_and_gather(trainer, pl_module)
+        pl_module.train(was_training)
+        metrics = self._metrics(trainer, pl_module, images) if trainer.is_global_zero else None
+        metrics = trainer.strategy.broadcast(metrics, src=0)
+        self._log(trainer, metrics, step)
+        return metrics
+
+    def _read_conditions(self, trainer: pl.Trainer, pl_module: Any) -> list[str | int | None]:
+        return evaluation_conditions(pl_module, self.num_samples, self._reference_images(trainer).captions)
+
+    def _sample_share_and_gather(self, trainer: pl.Trainer, pl_module: Any) -> torch.Tensor:
+        """uint8 (num_samples, 3, H, W) on every rank; rank r draws samples [r*share, (r+1)*share)."""
+        conditions = self._conditions
+        share = -(-len(conditions) // trainer.world_size)
+        first = trainer.global_rank * share
+        # the last rank pads its share with extra samples (dropped after gathering): equal shares for all_gather
+        mine = (conditions[first:first + share] + conditions)[:share]
+        batches = []
+        for offset in range(0, share, self.batch_size):
+            chunk = mine[offset:offset + self.batch_size]
+            images = pl_module.generate(
+                _as_model_inputs(chunk), len(chunk), sampler=self.settings.sampler, steps=self.settings.steps,
+                eta=self.settings.eta, cfg_scale=self.settings.cfg_scale, seed=self.settings.seed,
+                seed_offset=first + offset,
+            )
+            batches.append(images_to_uint8(images))
+        local = torch.cat(batches)
+        gathered = trainer.strategy.all_gather(local)  # (world, share, 3, H, W); unchanged on one device
+        return gathered.reshape(-1, *local.shape[1:])[: len(conditions)].cpu()
+
+    def _metrics(self, trainer: pl.Trainer, pl_module: Any, images: torch.Tensor) -> dict[str, Any]:
+        if self._extractor is None:
+            reference = self._reference_images(trainer)
+            options = replace(self.options, device=str(pl_module.device))
+            self._extractor = build_features(options.features, reference_is_shapes=reference.is_shapes,
+                                             image_size=images.shape[-1], cache_dir=options.cache_dir,
+                                             device=pl_module.device)
+            # loaders that split shards by rank (webdataset) show rank 0 a 1/world part of the split
+            self._reference = reference_statistics_for(reference, self._extractor, options,
+                                                       reference_ranks=trainer.world_size)
+        captions = [condition if isinstance(condition, str) else "" for condition in self._conditions]
+        return evaluate_images(images, self._reference, self._extractor, k=self.options.k,
+                               density_k=self.options.density_k, captions=captions, batch_size=self.batch_size)
+
+    def _reference_images(self, trainer: pl.Trainer) -> DataSplitImages:
+        datamodule = trainer.datamodule
+        identity = data_identity(self.data_identity) if self.data_identity is not None else {
+            "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            **data_identity(dict(datamodule.hparams)),
+        }
+        return DataSplitImages(datamodule, identity, prepare=False)
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
+        """To every logger at this exact step (self.log would wait for a logging step), and to a JSONL file."""
+        scalars = {f"eval/{key}": float(value) for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+        if trainer.is_global_zero:
+            self.history.append({"step": step, **metrics})
+            path = os.path.join(trainer.default_root_dir, "eval", "metrics.jsonl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}, default=str) + "\n")

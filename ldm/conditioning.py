@@ -66,7 +66,7 @@ class _TokenConditioner(nn.Module):
                     f"(B, {self.context_length})); got a {inputs.dtype} tensor of shape {tuple(inputs.shape)}."
                 )
             return inputs.to(device, non_blocking=True)
-        if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs or [None]):
+        if inputs is None or isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
             raise TypeError(
                 f"{type(self).__name__} takes a list of prompts, one string per sample; got {inputs!r:.80}. "
                 "A text model needs the batch's 'caption' entry (an empty string for no caption)."
@@ -86,7 +86,7 @@ class TextTransformer(_TokenConditioner):
     transformer layers, final LayerNorm; every token state is a cross-attention key (Eq. 3).
 
     torch's `nn.TransformerEncoderLayer` (fused fast path in inference) measured as fast as an
-    SDPA-block implementation on CPU (fwd+bwd and inference within 2 %), so it is used here."""
+    SDPA-block implementation on CPU (fwd+bwd and inference within 3 %), so it is used here."""
 
     def __init__(
         self,
@@ -141,7 +141,7 @@ class FrozenOpenCLIP(_TokenConditioner):
             raise ValueError(f"FrozenOpenCLIP layer must be 'penultimate' or 'last', got {layer!r}.")
         config = open_clip.get_model_config(arch)
         if config is None:
-            raise ValueError(f"Unknown open_clip architecture {arch!r}. Known: {', '.join(open_clip.list_models())}.")
+            raise ValueError(f"Unknown open_clip architecture {arch!r}; open_clip.list_models() lists the known ones.")
         weights_file = _resolve_weights(arch, pretrained, checkpoint_path)  # before building: fail fast
         super().__init__(arch)
         self.layer = layer
@@ -208,7 +208,9 @@ class ClassEmbedder(nn.Module):
         device = self.embedding.weight.device
         if isinstance(inputs, torch.Tensor):
             if inputs.dtype not in (torch.int64, torch.int32) or inputs.ndim != 1:
-                raise ValueError(f"ClassEmbedder takes integer labels of shape (B,); got {inputs.dtype} {tuple(inputs.shape)}.")
+                raise ValueError(
+                    f"ClassEmbedder takes integer labels of shape (B,); got {inputs.dtype} {tuple(inputs.shape)}."
+                )
             return inputs.to(device, torch.long, non_blocking=True)
         try:
             return torch.tensor([int(label) for label in inputs], dtype=torch.long).to(device, non_blocking=True)

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
@@ -64,3 +65,10 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> st
 def to_container(cfg: Any) -> Any:
     """Plain python containers for anything that ends up in a checkpoint (loadable with weights_only)."""
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def global_batch_size(trainer: pl.Trainer, batch_size: int | None) -> int:
+    """Samples per optimizer step over all devices (the CompVis learning-rate scaling)."""
+    if batch_size is None:
+        raise ValueError("scale_lr=true needs model.batch_size (set it to ${data.batch_size}).")
+    return batch_size * trainer.world_size * trainer.accumulate_grad_batches

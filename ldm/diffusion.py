@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ldm.conditioning import drop_mask
+from ldm.config import global_batch_size
 from ldm.ema import EMA
 from ldm.first_stage import load_first_stage
 from ldm.guards import NonFiniteGradientGuard
+from ldm.interop.weights import load_weights_into
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import KLAutoencoder
 from ldm.samplers import make_generators, sample
@@ -92,6 +94,16 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.first_stage.decode(latents / self.scale_factor)
+
+    def set_scale_factor(self, value: float) -> None:
+        """Fix the latent scale (e.g. from an imported checkpoint); it is then never re-estimated."""
+        self.scale_factor.fill_(value)
+        self._scale_factor_ready = True
+
+    def load_weights_from(self, path: str, use_ema: bool = False) -> None:
+        """`init_from=`: the UNet (+ first stage and conditioner when present) from a CompVis / SD file,
+        an ldm run or an ldm export; exact or a clear error listing the keys that do not fit."""
+        load_weights_into(self, path, use_ema)
 
     def _init_scale_factor(self, images: torch.Tensor) -> None:
         """The paper's rescaling (Sec. 3.3 / App. G): unit-variance latents from the first batch.
@@ -254,13 +266,6 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))
-
-
-def global_batch_size(trainer: pl.Trainer, batch_size: int | None) -> int:
-    """Samples per optimizer step over all devices (the CompVis learning-rate scaling)."""
-    if batch_size is None:
-        raise ValueError("scale_lr=true needs model.batch_size (set it to ${data.batch_size}).")
-    return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
 def _check_first_stage(first_stage: KLAutoencoder, unet: dict, ckpt: str | None, factor: int | None) -> None:

@@ -3,7 +3,7 @@
     shadow <- decay_n * shadow + (1 - decay_n) * param
 
 With warm-up (CompVis `LitEma`), decay_n = min(decay, (1 + n) / (10 + n)) where n counts updates,
-this one included: early shadows follow the fast-changing weights (decay_1 = 2/11, decay_90 ~ 0.92)
+this one included: early shadows follow the fast-changing weights (decay_1 = 2/11, decay_90 = 0.91)
 instead of staying near the random initialisation for ~1/(1 - decay) steps.
 
 The shadows are buffers of this module, so they travel in the owner's state_dict (under

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from ldm.checkpoint import load_checkpoint
 from ldm.diffusion import LatentDiffusion
+from ldm.interop import load_exported, without_weight_sources
 from ldm.samplers import SAMPLERS
-from ldm.visualize import save_image_grid, to_uint8
+from ldm.visualize import images_to_uint8, save_image_grid
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,19 @@ class SamplerSettings:
 
 def load_latent_diffusion(path: str, use_ema: bool = True, device: str = "cpu") -> LatentDiffusion:
     """A LatentDiffusion from its checkpoint, EMA weights in place by default; never runs code from the file."""
+    if path.endswith(".safetensors"):
+        model = load_exported(path)  # an `ldm.export format=safetensors` file: EMA weights already in place
+        return model.eval().to(device)
     checkpoint = load_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "unet" not in hparams or "first_stage" not in hparams:
         kind = "a stage-1 autoencoder checkpoint" if "vae" in hparams else "not a LatentDiffusion checkpoint"
         raise ValueError(
             f"ckpt={path!r} is {kind}. Pass the checkpoint of a latent-diffusion run "
             "(<run dir>/checkpoints/last.ckpt of `python train.py experiment=ldm_f8_text ...`)."
         )
+    if any(key.startswith("conditioner.") for key in checkpoint["state_dict"]):
+        hparams["conditioner"] = without_weight_sources(hparams["conditioner"])
     model = LatentDiffusion(**hparams)
     model.load_state_dict(checkpoint["state_dict"])
     if use_ema:
@@ -95,7 +101,7 @@ def generate_to_dir(
                 inputs, len(chunk), sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
                 cfg_scale=settings.cfg_scale, seed=settings.seed, seed_offset=start,
             )
-        batch_uint8 = to_uint8(images.float())
+        batch_uint8 = images_to_uint8(images)
         for i, (image, condition) in enumerate(zip(batch_uint8, chunk)):
             index = start + i
             name = f"{index:05d}.png"

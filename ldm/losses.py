@@ -186,7 +186,7 @@ def _missing_vgg_message(path: Path, reason: str) -> str:
         f"The LPIPS perceptual loss needs torchvision's ImageNet VGG16 weights ({reason}). "
         f"Either place the file {path.name} at {path} (get it from {VGG16_URL}; the folder is "
         "$TORCH_HOME/hub/checkpoints), or train without the perceptual term by setting "
-        "loss.perceptual_weight=0."
+        "loss.perceptual_weight=0 (train.py command line: model.loss.perceptual_weight=0)."
     )
 
 

@@ -32,7 +32,8 @@ class TrainResult:
 def train(cfg: DictConfig) -> TrainResult:
     """Fit the configured model; returns where the final checkpoint is."""
     apply_size(cfg)
-    if cfg.model._target_ == LATENT_DIFFUSION_TARGET and not cfg.model.get("first_stage_ckpt"):
+    needs_first_stage = not cfg.model.get("first_stage_ckpt") and not cfg.model.get("first_stage")
+    if cfg.model._target_ == LATENT_DIFFUSION_TARGET and needs_first_stage:
         with open_dict(cfg):
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg)
     output_dir = cfg.paths.output_dir

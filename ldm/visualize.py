@@ -54,3 +54,8 @@ def interleave(first: Tensor, second: Tensor) -> Tensor:
     """(B, ...) and (B, ...) -> (2B, ...) as first[0], second[0], first[1], ...: with nrow=2
     this makes a grid whose left column is `first` and right column is `second`."""
     return torch.stack([first, second], dim=1).flatten(0, 1)
+
+
+def images_to_uint8(images: Tensor) -> Tensor:
+    """Quantise float images in [-1, 1] to uint8 [0, 255], as saving them to PNG would (clean-fid)."""
+    return ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

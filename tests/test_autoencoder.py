@@ -297,11 +297,24 @@ def test_checkpoint_round_trip_gives_identical_outputs(trained, tmp_path):
     assert loaded.hparams == trained.model.hparams
     assert (loaded.latent_channels, loaded.downsampling_factor) == (4, 2)
     images = trained.data.images
-    trained.model.eval(), loaded.eval()
+    trained.model.eval()
+    loaded.eval()
     with torch.no_grad():
         expected = trained.model.decode(trained.model.encode(images).mode())
         assert torch.equal(loaded.decode(loaded.encode(images).mode()), expected)
         assert torch.equal(loaded(images)[1].mean, trained.model(images)[1].mean)
+
+
+def test_scale_lr_multiplies_by_the_global_batch_size(tmp_path):
+    model = AutoencoderKL(**{**tiny_module(0).hparams, "scale_lr": True, "batch_size": 4})
+    model.trainer = tiny_trainer(tmp_path, max_steps=1)
+    autoencoder_opt, discriminator_opt = model.configure_optimizers()
+    assert autoencoder_opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 4)
+    assert discriminator_opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 4)
+    unscaled = AutoencoderKL(**{**tiny_module(0).hparams, "scale_lr": True})
+    unscaled.trainer = model.trainer
+    with pytest.raises(ValueError, match="batch_size"):
+        unscaled.configure_optimizers()
 
 
 def test_nonfinite_losses_skip_their_steps(tmp_path):

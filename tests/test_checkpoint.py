@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ldm.checkpoint as checkpoint_module
-from ldm.checkpoint import AtomicCheckpointIO, CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint, save_atomic
+from ldm.checkpoint import (
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    save_atomic,
+)
 
 
 class _RunsCodeWhenUnpickled:
@@ -150,7 +156,12 @@ def test_lightning_trainer_saves_and_resumes_through_the_plugin(tmp_path, monkey
 
     loads = []
     safe_load = checkpoint_module.load_checkpoint
-    monkeypatch.setattr(checkpoint_module, "load_checkpoint", lambda path, **kw: loads.append(path) or safe_load(path, **kw))
+
+    def spy(path, **kwargs):
+        loads.append(path)
+        return safe_load(path, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", spy)
     second = _trainer(tmp_path / "resumed", max_steps=8)
     resumed = _TinyModule({"width": 4, "mult": [1, 2]})
     second.fit(resumed, data, ckpt_path=str(last))

@@ -173,11 +173,12 @@ def test_shapes_classifier_command_writes_the_file(tmp_path, capsys):
     assert os.path.isfile(path) and set(report["heldout_accuracy"]) == {"color", "shape", "position"}
 
 
-def test_parse_caption_handles_multiword_positions_and_second_objects():
+def test_parse_caption_handles_multiword_positions_and_refuses_several_objects():
     assert parse_caption("a red circle at the top left") == {"color": 0, "shape": 0, "position": 0}
     assert parse_caption("a white triangle at the top") == {"color": 6, "shape": 2, "position": 1}
-    assert parse_caption("a cyan square at the bottom right and a red circle at the top") == {
-        "color": 5, "shape": 1, "position": 8}
+    assert parse_caption("a cyan square at the bottom right") == {"color": 5, "shape": 1, "position": 8}
+    with pytest.raises(ValueError, match="single-object"):
+        parse_caption("a cyan square at the bottom right and a red circle at the top")
     for bad in ("a purple circle at the top", "a red circle at the topleft", "red circle"):
         with pytest.raises(ValueError, match="not a shapes caption"):
             parse_caption(bad)

@@ -6,7 +6,7 @@ from ldm.interop.compvis import (
     load_compvis_first_stage,
     load_sd_checkpoint,
 )
-from ldm.interop.exported import load_exported, save_exported
+from ldm.interop.exported import load_exported, save_exported, without_weight_sources
 from ldm.interop.state_dicts import CheckpointMismatchError
 from ldm.interop.weights import load_weights_into
 
@@ -19,4 +19,5 @@ __all__ = [
     "load_sd_checkpoint",
     "load_weights_into",
     "save_exported",
+    "without_weight_sources",
 ]

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ldm.checkpoint import load_checkpoint
+from ldm.interop.exported import read_exported_config, without_weight_sources
 from ldm.interop.state_dicts import CheckpointMismatchError, load_exact, strip_prefix
 from ldm.nets.vae import KLAutoencoder
+
+if TYPE_CHECKING:
+    from ldm.diffusion import LatentDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +110,13 @@ def infer_first_stage_config(weights: Mapping[str, Tensor], source: str = "check
         ) from None
     if any(width % ch for width in widths):
         raise CheckpointMismatchError(f"{source}: level widths {widths} are not multiples of ch={ch}; pass vae_config=.")
-    return {key: int(value) if isinstance(value, int) else value for key, value in config.items()}
+    return config
 
 
 def load_any_first_stage(path: str) -> tuple[KLAutoencoder, dict[str, Any]]:
-    """A frozen-stage autoencoder from any checkpoint we know: an ldm `AutoencoderKL` run (`vae.*`),
+    """The first-stage autoencoder of any checkpoint we know: an ldm `AutoencoderKL` run (`vae.*`),
     an ldm `LatentDiffusion` run or export (`first_stage.*`), or a CompVis / SD file (architecture
     inferred). Returns the net and its constructor arguments (saved in the LatentDiffusion hparams)."""
-    from ldm.interop.exported import read_exported_config  # local: exported imports this module
-
     checkpoint = load_checkpoint(path)
     state_dict = state_dict_of(checkpoint)
     hparams = dict(checkpoint.get("hyper_parameters") or {}) if "state_dict" in checkpoint else {}
@@ -133,7 +135,7 @@ def load_any_first_stage(path: str) -> tuple[KLAutoencoder, dict[str, Any]]:
 # ---------------------------------------------------------------- full Stable Diffusion checkpoints
 def load_sd_checkpoint(
     path: str, preset: str, size_overrides: dict[str, Any] | None = None, use_ema: bool = False
-) -> "LatentDiffusion":  # noqa: F821
+) -> LatentDiffusion:
     """A `LatentDiffusion` holding a Stable Diffusion 1.x / 2.x checkpoint, in eval mode.
 
     The architecture comes from `configs/model/<preset>.yaml`; `size_overrides` is merged into it
@@ -207,7 +209,7 @@ def _conditioner_for(conditioner: dict[str, Any], state_dict: Mapping[str, Tenso
     """The preset's text encoder built weight-less when the file carries its OpenCLIP weights,
     else a placeholder naming it (SD 1.x files carry transformers' CLIP, which we do not map)."""
     if any(key.startswith(OPENCLIP_PREFIX) for key in state_dict):
-        return {**conditioner, "pretrained": None, "checkpoint_path": None}
+        return without_weight_sources(conditioner)
     described = ", ".join(f"{k}={v!r}" for k, v in conditioner.items() if k not in ("_target_", "width"))
     needed = f"{conditioner['_target_']}({described})"
     others = sorted({key.split(".")[1] for key in state_dict if key.startswith("cond_stage_model.")})

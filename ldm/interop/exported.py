@@ -71,5 +71,10 @@ def exported_config(model, has_conditioner_weights: bool) -> dict[str, Any]:
     config["first_stage_ckpt"] = None  # the first stage travels as weights, with its config in `first_stage`
     config["scale_factor"] = float(model.scale_factor)
     if has_conditioner_weights:
-        config["conditioner"] = {k: (None if k in WEIGHT_SOURCES else v) for k, v in config["conditioner"].items()}
+        config["conditioner"] = without_weight_sources(config["conditioner"])
     return config
+
+
+def without_weight_sources(conditioner: dict[str, Any]) -> dict[str, Any]:
+    """A conditioner config that builds weight-less, for when its weights come with the model's."""
+    return {k: (None if k in WEIGHT_SOURCES else v) for k, v in conditioner.items()}

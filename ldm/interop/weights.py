@@ -62,7 +62,7 @@ def load_state_into(model, state_dict: Mapping[str, Tensor], source: str, use_em
         raise CheckpointMismatchError(f"{source} does not fit the model: {message}{' ' + hint if hint else ''}")
     model.load_state_dict(ours, strict=False)  # every key of the loaded parts is present: checked above
     if "scale_factor" in ours:
-        model._scale_factor_ready = True
+        model.set_scale_factor(float(model.scale_factor))
     if model.ema is not None:
         model.ema = EMA(model.trainable, decay=model.ema.decay, warmup=model.ema.warmup)
     log.info("Loaded %s from %s%s.", ", ".join(sorted(parts)), source, " (EMA UNet)" if use_ema else "")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from ldm.visualize import images_to_uint8  # noqa: F401  (re-exported: part of the metrics API)
 
 RESIZE_DESCRIPTION = "uint8 quantisation, then PIL bicubic (antialiased) resize to the input size (clean-fid)"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -50,11 +51,6 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
     module_name, attribute = EXTRACTORS[name]
     factory: Callable[..., FeatureExtractor] = getattr(import_module(module_name), attribute)
     return factory(**kwargs)
-
-
-def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Quantise float images in [-1, 1] to uint8 [0, 255], as saving them to PNG would (clean-fid)."""
-    return ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """A small CNN for the built-in `shapes` data: the offline stand-in for pretrained extractors.
 
 No pretrained network can be fetched offline, so the framework trains its own once: a CNN predicting
-the colour (7), shape (3) and 3x3 grid position (9) of the (first) object of a `shapes` image, trained
+the colour (7), shape (3) and 3x3 grid position (9) of the object of a single-object `shapes` image, trained
 on images rendered on the fly by `ldm.data.shapes.render_sample`, deterministic by seed, cached to a
 safetensors file. It serves twice:
 
@@ -63,7 +63,8 @@ def train_shapes_classifier(
     resolution: int = 64, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
     width: int = 32, feature_dim: int = 256,
 ) -> ShapesClassifier:
-    """Train on freshly rendered single-object images; the same arguments give the same weights."""
+    """Train on freshly rendered single-object images; the same arguments (and thread count) give the
+    same weights."""
     torch.manual_seed(seed)
     model = ShapesClassifier(width, feature_dim)
     optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
@@ -176,14 +177,23 @@ def load_shapes_classifier_extractor(
 
 
 _CAPTION_PATTERN = re.compile(
-    "^an? ({}) ({}) at the ({})(?: and |$)".format(
+    "^an? ({}) ({}) at the ({})$".format(
         *("|".join(sorted(names, key=len, reverse=True)) for names in HEADS.values())
     )
 )
 
 
 def parse_caption(caption: str) -> dict[str, int]:
-    """Class index per head of the first object of `a {color} {shape} at the {position}[ and ...]`."""
+    """Class index per head of the single object of `a {color} {shape} at the {position}`.
+
+    Multi-object captions are refused: the classifier sees one object per image, and on two-object
+    images its answer matches the caption's first object only about half the time.
+    """
+    if " and " in caption:
+        raise ValueError(
+            f"caption {caption!r} names several objects; prompt fidelity is defined for single-object shapes "
+            "data only (write_shapes(num_objects=1))."
+        )
     match = _CAPTION_PATTERN.match(caption.strip().lower())
     if match is None:
         raise ValueError(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.distributions import DiagonalGaussian
+from ldm.nets.attention import AttnBlock
 
 GROUP_NORM_EPS = 1e-6  # CompVis autoencoder GroupNorm eps (the UNet uses 1e-5)
 
@@ -229,38 +230,15 @@ class ResnetBlock(nn.Module):
         self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        # Identity has no parameters, so the key only exists where the width changes (as in CompVis).
+        self.nin_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return shortcut + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, scale C**-0.5, residual."""
-
-    def __init__(self, channels: int, norm_groups: int) -> None:
-        super().__init__()
-        self.norm = group_norm(channels, norm_groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
-        h = self.norm(x)
-
-        def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1 head, H*W, C)
-            return t.reshape(batch, 1, channels, height * width).transpose(-1, -2)
-
-        # SDPA's default scale 1/sqrt(last dim) is exactly the reference C**-0.5.
-        h = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
-        h = h.transpose(-1, -2).reshape(batch, channels, height, width)
-        return x + self.proj_out(h)
+        return self.nin_shortcut(x) + h
 
 
 class Downsample(nn.Module):

@@ -1,0 +1,224 @@
+"""evaluate.py end to end as a user runs it (a folder, a tiny checkpoint, the data config), its errors,
+the reference-statistics cache, and EvaluationCallback inside a short training run."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from ldm.callbacks import EvaluationCallback
+from ldm.data.shapes import render_sample
+from ldm.diffusion import LatentDiffusion
+from ldm.evaluation import class_log_probabilities, evaluation_conditions, markdown_table
+from ldm.metrics.shapes_classifier import (
+    load_shapes_classifier_extractor,
+    save_shapes_classifier,
+    train_shapes_classifier,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESOLUTION = 32
+TINY_MODEL = dict(
+    unet=dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+              attention_resolutions=[2], num_head_channels=8, context_dim=32, norm_groups=8),
+    conditioner={"_target_": "ldm.conditioning.TextTransformer", "width": 32, "layers": 1, "heads": 2},
+    first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
+                     norm_groups=8),
+    image_size=RESOLUTION, scale_factor=0.5, ema_decay=0.9, learning_rate=1e-3, warmup_steps=0,
+)
+REQUIRED_KEYS = {"fid", "fid_name", "precision", "recall", "density", "coverage", "is_mean", "is_std", "num_samples",
+                 "num_real", "features", "k", "prompt_fidelity_color", "prompt_fidelity_shape",
+                 "prompt_fidelity_position", "prompt_fidelity_all"}
+
+
+@pytest.fixture(scope="session")
+def classifier_path(tmp_path_factory) -> str:
+    """A shapes classifier trained once per session (60 steps at 32 px: a few seconds, ~90% colour accuracy)."""
+    path = str(tmp_path_factory.mktemp("classifier") / f"shapes_classifier_{RESOLUTION}px.safetensors")
+    save_shapes_classifier(train_shapes_classifier(RESOLUTION, steps=60, batch_size=32), path, RESOLUTION)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_folders(tmp_path_factory) -> dict[str, str]:
+    """Two folders of 24 captioned shapes images (img2dataset layout: <key>.png + <key>.txt), different seeds."""
+    folders = {}
+    for name, seed in (("real", 1), ("other", 2)):
+        folder = tmp_path_factory.mktemp(name)
+        rng = np.random.default_rng(seed)
+        for index in range(24):
+            image, attributes = render_sample(rng, RESOLUTION)
+            image.save(folder / f"{index:05d}.png")
+            (folder / f"{index:05d}.txt").write_text(attributes["caption"])
+        folders[name] = str(folder)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A tiny untrained text-conditioned LDM saved as a Lightning checkpoint would be (step 7)."""
+    torch.manual_seed(0)
+    model = LatentDiffusion(**TINY_MODEL)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "global_step": 7}, path)
+    return path
+
+
+def run_evaluate(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "evaluate.py", *overrides], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def shapes_cnn(classifier_path: str, cache: str) -> list[str]:
+    return ["features=shapes_cnn", f"features.weights_path={classifier_path}", f"paths.cache_dir={cache}"]
+
+
+def read_metrics(out) -> dict:
+    with open(os.path.join(out, "metrics.json")) as handle:
+        return json.load(handle)
+
+
+# ------------------------------------------------------------------------------------ evaluate.py
+
+
+def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, classifier_path, shapes_folders, tiny_ckpt):
+    cache = tmp_path / "cache"
+    first = run_evaluate(f"fake_dir={shapes_folders['real']}", f"real_dir={shapes_folders['real']}",
+                         *shapes_cnn(classifier_path, cache), f"out={tmp_path / 'same'}")
+    assert first.returncode == 0, first.stderr
+    metrics = read_metrics(tmp_path / "same")
+    assert REQUIRED_KEYS <= metrics.keys()
+    assert abs(metrics["fid"]) < 1e-2
+    assert metrics["precision"] == metrics["recall"] == metrics["coverage"] == 1.0
+    assert metrics["fid_name"] == "FID_shapes_cnn" and metrics["features"]["network"] == "shapes_cnn"
+    assert metrics["features"]["dim"] == 256 and metrics["num_samples"] == metrics["num_real"] == 24
+    assert metrics["is_name"] == "IS_shapes_cnn" and 1.0 <= metrics["is_mean"] <= 189
+    assert 0.0 <= metrics["prompt_fidelity_all"] <= metrics["prompt_fidelity_color"] <= 1.0  # captions from .txt
+    assert not metrics["reference"]["cache_hit"]
+    assert "| FID_shapes_cnn |" in (tmp_path / "same" / "metrics.md").read_text()
+
+    out = tmp_path / "ckpt"
+    second = run_evaluate(f"ckpt={tiny_ckpt}", "num_samples=6", "steps=2", "batch_size=4", "cfg_scale=3",
+                          f"real_dir={shapes_folders['real']}", *shapes_cnn(classifier_path, cache), f"out={out}")
+    assert second.returncode == 0, second.stderr
+    assert "reference statistics: cache hit" in second.stdout + second.stderr
+    metrics = read_metrics(out)
+    assert metrics["reference"]["cache_hit"] and metrics["num_samples"] == 6 and metrics["fid"] > 1.0
+    assert metrics["checkpoint"]["global_step"] == 7 and metrics["sampler"]["steps"] == 2
+    assert metrics["sampler"]["cfg_scale"] == 3.0
+    with open(out / "samples" / "samples.json") as handle:
+        records = json.load(handle)
+    real_captions = [(open(os.path.join(shapes_folders["real"], f"{i:05d}.txt")).read()) for i in range(6)]
+    assert [record["prompt"] for record in records] == real_captions  # prompts: the reference captions, in order
+    assert sorted(name for name in os.listdir(out / "samples") if name.endswith(".png"))[:6] == [
+        f"{i:05d}.png" for i in range(6)]
+    assert metrics["prompt_fidelity_all"] is not None
+
+
+def test_data_config_reference_picks_shapes_features(tmp_path, classifier_path, shapes_folders):
+    """The default reference is the val split of `data=shapes`, and `features=auto` then means shapes_cnn."""
+    result = run_evaluate(f"fake_dir={shapes_folders['other']}", f"data.resolution={RESOLUTION}", "data.num_train=8",
+                          "data.num_val=16", "data.num_workers=0", f"paths.data_dir={tmp_path / 'data'}",
+                          f"features.weights_path={classifier_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+                          "num_real=12", f"out={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    metrics = read_metrics(tmp_path / "out")
+    assert metrics["features"]["network"] == "shapes_cnn" and metrics["num_real"] == 12
+    assert 0.0 <= metrics["precision"] <= 1.0 and metrics["fid"] > 0
+
+
+@pytest.mark.parametrize("case", ["missing_inception_weights", "missing_ckpt", "empty_folder"])
+def test_errors_exit_2_with_a_message_and_no_traceback(tmp_path, shapes_folders, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    overrides, env, expected = {
+        "missing_inception_weights": ([f"fake_dir={shapes_folders['real']}", f"real_dir={shapes_folders['real']}",
+                                       "features=inception_v3"], {"TORCH_HOME": str(empty)},
+                                      "weights-inception-2015-12-05-6726825d.pth"),
+        "missing_ckpt": ([f"ckpt={tmp_path / 'nope.ckpt'}", f"real_dir={shapes_folders['real']}"], {}, "nope.ckpt"),
+        "empty_folder": ([f"fake_dir={empty}", f"real_dir={shapes_folders['real']}"], {}, "holds no images"),
+    }[case]
+    result = run_evaluate(*overrides, f"paths.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}", env=env)
+    assert result.returncode == 2
+    assert expected in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------ library pieces
+
+
+def test_shapes_class_log_probabilities_are_the_joint_of_the_heads(classifier_path):
+    extractor = load_shapes_classifier_extractor(classifier_path, RESOLUTION, train_if_missing=False)
+    images = torch.randint(0, 256, (5, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
+    joint = class_log_probabilities(extractor, extractor(images))
+    assert joint.shape == (5, 7 * 3 * 9)
+    torch.testing.assert_close(joint.logsumexp(dim=1), torch.zeros(5), atol=1e-5, rtol=0)
+    predicted = extractor.predict(images)
+    expected = (predicted["color"] * 3 + predicted["shape"]) * 9 + predicted["position"]
+    assert joint.argmax(dim=1).tolist() == expected.tolist()
+
+
+def test_conditions_balance_classes_and_cycle_captions():
+    class_model = SimpleNamespace(conditioner=SimpleNamespace(batch_key="class_label", num_classes=3))
+    assert evaluation_conditions(class_model, 7, lambda n: []) == [0, 1, 2, 0, 1, 2, 0]
+    text_model = SimpleNamespace(conditioner=SimpleNamespace(batch_key="caption"))
+    assert evaluation_conditions(text_model, 5, lambda n: ["a", "b"]) == ["a", "b", "a", "b", "a"]
+    with pytest.raises(ValueError, match="no captions"):
+        evaluation_conditions(text_model, 5, lambda n: ["", ""])
+    assert evaluation_conditions(SimpleNamespace(conditioner=SimpleNamespace(batch_key=None)), 3, list) == [None] * 3
+
+
+def test_markdown_table_names_the_features():
+    table = markdown_table({"fid": 1.5, "fid_name": "FID", "is_mean": None, "is_name": None,
+                            "features": {"network": "inception_v3", "layer": "pool_2048", "dim": 2048}})
+    assert "| FID | 1.5000 |" in table and "| IS mean | n/a |" in table and "inception_v3 / pool_2048" in table
+
+
+# ------------------------------------------------------------------------------------ callback
+
+
+class CaptionedShapes(pl.LightningDataModule):
+    """Rendered shapes in the batch format of docs/architecture.md."""
+
+    def __init__(self, count: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        rng = np.random.default_rng(3)
+        self.samples = []
+        for index in range(count):
+            image, attributes = render_sample(rng, RESOLUTION)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
+            self.samples.append({"image": pixels, "caption": attributes["caption"],
+                                 "class_label": attributes["class_label"], "key": f"{index:08d}"})
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.samples, batch_size=4, shuffle=True)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.samples, batch_size=4)
+
+
+def test_callback_logs_metrics_at_each_evaluation_step(tmp_path, classifier_path):
+    torch.manual_seed(0)
+    callback = EvaluationCallback(every_n_steps=2, num_samples=6, steps=2, batch_size=4, cfg_scale=3.0,
+                                  features={"name": "shapes_cnn", "weights_path": classifier_path},
+                                  num_real=12, cache_dir=str(tmp_path / "cache"))
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv", version=""),
+                         callbacks=[callback], limit_val_batches=0, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(LatentDiffusion(**TINY_MODEL), datamodule=CaptionedShapes())
+    assert [entry["step"] for entry in callback.history] == [2, 3]  # every 2 steps, and at the end
+    for entry in callback.history:
+        assert entry["num_samples"] == 6 and entry["num_real"] == 12 and entry["prompt_fidelity_all"] is not None
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        header, *rows = handle.read().splitlines()
+    assert {"eval/fid", "eval/precision", "eval/recall", "eval/prompt_fidelity_all"} <= set(header.split(","))
+    with open(tmp_path / "eval" / "metrics.jsonl") as handle:
+        assert [json.loads(line)["step"] for line in handle] == [2, 3]
+    assert len(os.listdir(tmp_path / "cache")) == 1  # reference statistics computed once
