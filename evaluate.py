@@ -12,38 +12,20 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.evaluation import (
-    DataSplitImages,
-    EvaluationOptions,
-    ImageFolder,
-    data_identity,
-    evaluate_checkpoint,
-    evaluate_folder,
-)
-from ldm.generation import SamplerSettings
+from ldm.evaluation import evaluate
 from ldm.metrics import WeightsUnavailableError
 
 log = logging.getLogger("evaluate")
+SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "density_k", "cache_dir",
+            "feature_batch_size", "sampler", "steps", "eta", "cfg_scale", "seed", "batch_size", "use_ema", "device",
+            "precision")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
-        if (cfg.ckpt is None) == (cfg.fake_dir is None):
-            raise ValueError("pass exactly one of ckpt=PATH (sample, then evaluate) or fake_dir=DIR (evaluate images).")
-        reference = (ImageFolder(cfg.real_dir, "real_dir") if cfg.real_dir
-                     else DataSplitImages(hydra.utils.instantiate(cfg.data), data_identity(cfg.data)))
-        options = EvaluationOptions(
-            features=OmegaConf.to_container(cfg.features, resolve=True), k=cfg.k, density_k=cfg.density_k,
-            num_real=cfg.num_real, cache_dir=cfg.cache_dir, batch_size=cfg.feature_batch_size, device=cfg.device,
-        )
-        if cfg.ckpt is not None:
-            settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.cfg_scale, cfg.seed)
-            metrics = evaluate_checkpoint(cfg.ckpt, reference, cfg.out, num_samples=cfg.num_samples, settings=settings,
-                                          options=options, batch_size=cfg.batch_size, use_ema=cfg.use_ema,
-                                          precision=cfg.precision)
-        else:
-            metrics = evaluate_folder(cfg.fake_dir, reference, cfg.out, options)
+        metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
+                           **{key: cfg[key] for key in SETTINGS})
     except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
         log.error("%s", error)
         sys.exit(2)

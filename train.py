@@ -6,12 +6,14 @@ command line; `-m` sweeps. See README.md and configs/.
 import hydra
 from omegaconf import DictConfig
 
+from ldm.distributed import hydra_ddp_job
 from ldm.training import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    with hydra_ddp_job():  # DDP ranks share this job's run directory (Lightning + Hydra, see ldm/distributed.py)
+        train(cfg)
 
 
 if __name__ == "__main__":

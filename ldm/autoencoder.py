@@ -141,11 +141,10 @@ class AutoencoderKL(pl.LightningModule):
         count = self.hparams.num_log_images
         if count <= 0:
             return
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: all ranks
         if not self.trainer.is_global_zero:
             return
         grid = interleave(images[:count], reconstructions[:count])
-        path = Path(log_dir) / "images" / f"recon_step{self.global_step:07d}.png"
+        path = Path(self.trainer.default_root_dir) / "images" / f"recon_step{self.global_step:07d}.png"
         save_image_grid(grid, path, nrow=2)
         caption = "input | reconstruction"
         log_image_grid(self.trainer, "val/reconstructions", path, self.global_step, caption)

@@ -76,19 +76,18 @@ class SampleGrid(pl.Callback):
 # ---------------------------------------------------------------------------- periodic evaluation
 import json  # noqa: E402  (kept beside the one class that uses them: this section is self-contained)
 from dataclasses import replace  # noqa: E402
-from typing import Mapping  # noqa: E402
+from typing import Callable, Mapping  # noqa: E402
 
 from ldm.evaluation import (  # noqa: E402
-    DataSplitImages,
     EvaluationOptions,
     build_features,
     check_sample_count,
-    data_identity,
     evaluate_images,
     evaluation_conditions,
     reference_statistics_for,
 )
 from ldm.generation import SamplerSettings, _as_model_inputs  # noqa: E402
+from ldm.image_sources import DataSplitImages, data_identity, datamodule_identity  # noqa: E402
 from ldm.metrics import images_to_uint8  # noqa: E402
 
 
@@ -97,10 +96,13 @@ class EvaluationCallback(pl.Callback):
     and (shapes) prompt fidelity of `num_samples` images drawn with the EMA weights, against the
     datamodule's val split; logged as `eval/<metric>` and appended to `<run dir>/eval/metrics.jsonl`.
 
+    The extractor, the reference statistics (cached under `cache_dir`) and the conditions are ready at
+    fit start, so a missing weight file stops the run before training, not after `every_n_steps`.
+
     Distributed: every rank samples an equal share (sample i keeps seed + i, so the set is the one a
     single process draws, and FSDP sees every rank in every forward); rank 0 gathers the images and alone
-    computes features and metrics (reference statistics once, cached under `cache_dir`); the other
-    ranks wait for its result in a broadcast, which is the barrier.
+    computes features and metrics; the other ranks wait for its result in a broadcast, which is the
+    barrier. An error on rank 0 is broadcast too and raised on every rank, so none is left waiting.
     """
 
     def __init__(
@@ -139,6 +141,9 @@ class EvaluationCallback(pl.Callback):
             raise ValueError("EvaluationCallback compares samples with the datamodule's val split: pass "
                              "trainer.fit(model, datamodule=...), or drop the `evaluation` callback.")
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._conditions = self._on_rank_zero(trainer, lambda: self._prepare(trainer, pl_module))
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
@@ -153,21 +158,44 @@ class EvaluationCallback(pl.Callback):
         if step == self._last_step:
             return None
         self._last_step = step
-        if self._conditions is None:  # rank 0 reads the val captions; every rank samples the same list
-            conditions = self._read_conditions(trainer, pl_module) if trainer.is_global_zero else None
-            self._conditions = trainer.strategy.broadcast(conditions, src=0)
         was_training = pl_module.training
         pl_module.eval()
         with pl_module.ema_weights():
             images = self._sample_share_and_gather(trainer, pl_module)
         pl_module.train(was_training)
-        metrics = self._metrics(trainer, pl_module, images) if trainer.is_global_zero else None
-        metrics = trainer.strategy.broadcast(metrics, src=0)
+        captions = [condition if isinstance(condition, str) else "" for condition in self._conditions]
+        metrics = self._on_rank_zero(trainer, lambda: evaluate_images(
+            images, self._reference, self._extractor, k=self.options.k, density_k=self.options.density_k,
+            captions=captions, batch_size=self.batch_size))
         self._log(trainer, metrics, step)
         return metrics
 
-    def _read_conditions(self, trainer: pl.Trainer, pl_module: Any) -> list[str | int | None]:
-        return evaluation_conditions(pl_module, self.num_samples, self._reference_images(trainer).captions)
+    @staticmethod
+    def _on_rank_zero(trainer: pl.Trainer, compute: Callable[[], Any]) -> Any:
+        """`compute()` on rank 0, its result (or its error, raised everywhere) broadcast to every rank."""
+        outcome = None
+        if trainer.is_global_zero:
+            try:
+                outcome = compute()
+            except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
+                outcome = error
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: Any) -> list[str | int | None]:
+        """Rank 0: the extractor (which may first train the shapes classifier), the reference statistics
+        and the conditions every rank will sample."""
+        reference = self._reference_images(trainer)
+        options = replace(self.options, device=str(pl_module.device))
+        self._extractor = build_features(options.features, reference_is_shapes=reference.is_shapes,
+                                         image_size=pl_module.hparams.image_size, cache_dir=options.cache_dir,
+                                         device=pl_module.device)
+        # loaders that split shards by rank (webdataset) show rank 0 a 1/world part of the split
+        self._reference = reference_statistics_for(reference, self._extractor, options,
+                                                   reference_ranks=trainer.world_size)
+        return evaluation_conditions(pl_module, self.num_samples, reference.captions)
 
     def _sample_share_and_gather(self, trainer: pl.Trainer, pl_module: Any) -> torch.Tensor:
         """uint8 (num_samples, 3, H, W) on every rank; rank r draws samples [r*share, (r+1)*share)."""
@@ -189,26 +217,9 @@ class EvaluationCallback(pl.Callback):
         gathered = trainer.strategy.all_gather(local)  # (world, share, 3, H, W); unchanged on one device
         return gathered.reshape(-1, *local.shape[1:])[: len(conditions)].cpu()
 
-    def _metrics(self, trainer: pl.Trainer, pl_module: Any, images: torch.Tensor) -> dict[str, Any]:
-        if self._extractor is None:
-            reference = self._reference_images(trainer)
-            options = replace(self.options, device=str(pl_module.device))
-            self._extractor = build_features(options.features, reference_is_shapes=reference.is_shapes,
-                                             image_size=images.shape[-1], cache_dir=options.cache_dir,
-                                             device=pl_module.device)
-            # loaders that split shards by rank (webdataset) show rank 0 a 1/world part of the split
-            self._reference = reference_statistics_for(reference, self._extractor, options,
-                                                       reference_ranks=trainer.world_size)
-        captions = [condition if isinstance(condition, str) else "" for condition in self._conditions]
-        return evaluate_images(images, self._reference, self._extractor, k=self.options.k,
-                               density_k=self.options.density_k, captions=captions, batch_size=self.batch_size)
-
     def _reference_images(self, trainer: pl.Trainer) -> DataSplitImages:
         datamodule = trainer.datamodule
-        identity = data_identity(self.data_identity) if self.data_identity is not None else {
-            "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
-            **data_identity(dict(datamodule.hparams)),
-        }
+        identity = datamodule_identity(datamodule) if self.data_identity is None else data_identity(self.data_identity)
         return DataSplitImages(datamodule, identity, prepare=False)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:

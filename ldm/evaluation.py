@@ -1,9 +1,9 @@
 """Sample quality as the LDM paper reports it: FID and improved precision / recall (plus density /
 coverage, Inception score and, on the built-in shapes data, prompt fidelity).
 
-One core, three users: `evaluate.py` (a checkpoint or a folder of images against a data split or a
-folder), the training pipeline (`evaluate_checkpoint` after a run) and
-`ldm.callbacks.EvaluationCallback` (`evaluate_images` on samples drawn during training).
+One core, three users: `evaluate.py` and the training pipeline's `after_training` hooks (`evaluate`: a
+checkpoint or a folder of images against a data split or a folder) and `ldm.callbacks.EvaluationCallback`
+(`evaluate_images` on samples drawn during training). Image sources live in `ldm.image_sources`.
 
 Every distance is named after the features it was computed on (`fid_name`: `FID` for Inception-v3,
 `FID_CLIP`, `FD_DINOv2`, `FID_shapes_cnn`): a shapes-CNN FID is comparable only with other shapes-CNN
@@ -11,21 +11,19 @@ FIDs, never with an Inception FID.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from ldm.generation import SamplerSettings, conditions_for, generate_to_dir, load_latent_diffusion
 from ldm.hardware import autocast_dtype, resolve_device
+from ldm.image_sources import ImageFolder, ImageSource, reference_images
 from ldm.metrics import (
     FeatureExtractor,
     ReferenceStatistics,
@@ -33,12 +31,10 @@ from ldm.metrics import (
     density_coverage,
     feature_statistics,
     frechet_distance,
-    images_to_uint8,
     inception_score,
     precision_recall,
     reference_identity,
     reference_statistics,
-    resize_uint8,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,9 +42,6 @@ logger = logging.getLogger(__name__)
 AUTO_FEATURES = "auto"
 METRIC_NAMES = {"inception_v3": ("FID", "IS"), "clip": ("FID_CLIP", None), "dinov2": ("FD_DINOv2", None),
                 "shapes_cnn": ("FID_shapes_cnn", "IS_shapes_cnn")}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Data-loader settings change how fast images arrive, never which: they stay out of the cache identity.
-LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
 IS_SPLITS = 10  # Salimans et al. 2016 and torch-fidelity
 
 
@@ -66,120 +59,6 @@ class EvaluationOptions:
     device: str = "cpu"
 
 
-# ------------------------------------------------------------------------------------ image sources
-class ImageSource(Protocol):
-    """Reference (or generated) images: uint8 batches, their captions, and what identifies them."""
-
-    is_shapes: bool
-    resolution: int | None
-
-    def identity(self) -> Any: ...
-
-    def batches(self, batch_size: int, size: int | None = None, limit: int | None = None) -> Iterator[torch.Tensor]: ...
-
-    def captions(self, limit: int | None = None) -> list[str]: ...
-
-
-class ImageFolder:
-    """Images under a folder. A folder `sample.py` / `evaluate.py` wrote holds the images its `samples.json`
-    lists (not `grid.png`), captioned by their prompts; any other folder holds every image below it (sorted
-    by path), captioned by a `<name>.txt` beside each image where there is one (the img2dataset layout)."""
-
-    is_shapes = False
-    resolution = None
-
-    def __init__(self, path: str, option: str = "fake_dir") -> None:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{option}={path!r} is not a directory; pass a folder of images.")
-        self.path = os.path.abspath(path)
-        records_path = os.path.join(self.path, "samples.json")
-        self._prompts: dict[str, str] | None = None
-        if os.path.isfile(records_path):
-            with open(records_path) as handle:
-                self._prompts = {record["file"]: record.get("prompt") or "" for record in json.load(handle)}
-            self.files = list(self._prompts)
-        else:
-            self.files = sorted(
-                os.path.relpath(os.path.join(root, name), self.path)
-                for root, _, names in os.walk(self.path) for name in names if name.lower().endswith(IMAGE_SUFFIXES)
-            )
-        if not self.files:
-            raise ValueError(f"{option}={path!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); check the path.")
-
-    def identity(self) -> dict[str, Any]:
-        """Path, file names, sizes and modification times: editing the folder is a cache miss."""
-        digest = hashlib.sha256()
-        for name in self.files:
-            status = os.stat(os.path.join(self.path, name))
-            digest.update(f"{name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
-        return {"folder": self.path, "num_files": len(self.files), "digest": digest.hexdigest()[:20]}
-
-    def batches(self, batch_size: int, size: int | None = None, limit: int | None = None) -> Iterator[torch.Tensor]:
-        """uint8 (B, 3, H, W) batches; `size` resizes each image (PIL bicubic, as the extractors do)
-        so that folders of mixed sizes batch."""
-        files = self.files[:limit]
-        for start in range(0, len(files), batch_size):
-            arrays = [_read_rgb(os.path.join(self.path, name), size) for name in files[start:start + batch_size]]
-            if len({array.shape for array in arrays}) > 1:
-                raise ValueError(f"images in {self.path} differ in size; pass a size to resize them to.")
-            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-    def captions(self, limit: int | None = None) -> list[str]:
-        """One caption per image ("" where none is known)."""
-        files = self.files[:limit]
-        if self._prompts is not None:
-            return [self._prompts[name] for name in files]
-        return [_read_text(os.path.join(self.path, os.path.splitext(name)[0] + ".txt")) for name in files]
-
-
-class DataSplitImages:
-    """The images of one split of a data module (batches with `image` in [-1, 1] and `caption`).
-
-    `identity` names the data for the statistics cache (e.g. the data config, see `data_identity`);
-    `prepare=True` runs `prepare_data()` and `setup()` before the first read (a trainer has done it)."""
-
-    def __init__(self, datamodule: Any, identity: Any, split: str = "val", prepare: bool = True) -> None:
-        if split not in ("val", "test"):
-            raise ValueError(f"reference split must be 'val' or 'test', got {split!r}.")
-        self.datamodule, self.split, self._identity, self._prepare = datamodule, split, identity, prepare
-        self.is_shapes = type(datamodule).__name__ == "ShapesDataModule"
-        self.resolution = identity.get("resolution") if isinstance(identity, Mapping) else None
-
-    def identity(self) -> Any:
-        return self._identity
-
-    def batches(self, batch_size: int, size: int | None = None, limit: int | None = None) -> Iterator[torch.Tensor]:
-        """uint8 batches of the split in loader order (the loader's own batch size)."""
-        for batch in self._limited(limit):
-            images = images_to_uint8(batch["image"])
-            yield resize_uint8(images, size) if size else images
-
-    def captions(self, limit: int | None = None) -> list[str]:
-        return [caption for batch in self._limited(limit) for caption in batch["caption"]][:limit]
-
-    def _limited(self, limit: int | None) -> Iterator[dict[str, Any]]:
-        if self._prepare:  # once: shards are written (shapes) or checked before the first read
-            self.datamodule.prepare_data()
-            self.datamodule.setup("validate" if self.split == "val" else "test")
-            self._prepare = False
-        loader = getattr(self.datamodule, f"{self.split}_dataloader")()
-        seen = 0
-        for batch in loader:
-            keep = len(batch["image"]) if limit is None else min(len(batch["image"]), limit - seen)
-            yield {key: value[:keep] for key, value in batch.items()}
-            seen += keep
-            if limit is not None and seen >= limit:
-                return
-
-
-def data_identity(data_config: Any) -> Any:
-    """A data config as a plain, JSON-able cache identity, without its loader-only settings."""
-    container = OmegaConf.to_container(data_config, resolve=True) if OmegaConf.is_config(data_config) else data_config
-    if isinstance(container, Mapping):
-        return {key: value for key, value in container.items() if key not in LOADER_KEYS}
-    return container
-
-
 # ------------------------------------------------------------------------------------ features
 def build_features(
     spec: Mapping[str, Any] | str | None, *, reference_is_shapes: bool, image_size: int, cache_dir: str,
@@ -188,7 +67,7 @@ def build_features(
     """The extractor a features spec names. `auto` is `shapes_cnn` when the reference images come from the
     shapes data module, else `inception_v3`; `shapes_cnn` defaults to a classifier at `image_size` cached in
     `cache_dir` (trained there on first use)."""
-    kwargs = {"name": spec} if isinstance(spec, str) or spec is None else dict(spec)
+    kwargs = _as_spec(spec)
     name = kwargs.pop("name", None) or AUTO_FEATURES
     if name == AUTO_FEATURES:
         name = "shapes_cnn" if reference_is_shapes else "inception_v3"
@@ -197,6 +76,13 @@ def build_features(
         kwargs.setdefault("resolution", image_size)
         kwargs.setdefault("weights_path", os.path.join(cache_dir, f"shapes_classifier_{kwargs['resolution']}px.safetensors"))
     return build_extractor(name, device=device, **kwargs)
+
+
+def _as_spec(spec: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A features spec as a plain dict: a name, None (auto) or a (Dict)Config mapping."""
+    if spec is None or isinstance(spec, str):
+        return {"name": spec or AUTO_FEATURES}
+    return {key: value for key, value in dict(spec).items() if key != "_target_"}
 
 
 def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], desc: str,
@@ -215,8 +101,7 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor
 def reference_statistics_for(source: ImageSource, extractor: FeatureExtractor, options: EvaluationOptions,
                              **extra_identity: Any) -> ReferenceStatistics:
     """Statistics of the reference images, from the cache under `options.cache_dir` when computed before."""
-    split = getattr(source, "split", "folder")
-    identity = reference_identity(source.identity(), split, source.resolution, extractor,
+    identity = reference_identity(source.identity(), source.split, source.resolution, extractor,
                                   num_real=options.num_real, **extra_identity)
 
     def compute_features() -> torch.Tensor:
@@ -228,20 +113,14 @@ def reference_statistics_for(source: ImageSource, extractor: FeatureExtractor, o
 
 # ------------------------------------------------------------------------------------ metrics
 def evaluate_images(
-    images: torch.Tensor | Iterable[torch.Tensor],
-    reference: ReferenceStatistics,
-    extractor: FeatureExtractor,
-    *,
-    k: int = 3,
-    density_k: int = 5,
-    captions: Sequence[str] | None = None,
-    batch_size: int = 64,
+    images: torch.Tensor | Iterable[torch.Tensor], reference: ReferenceStatistics, extractor: FeatureExtractor, *,
+    k: int = 3, density_k: int = 5, captions: Sequence[str] | None = None, batch_size: int = 64,
 ) -> dict[str, Any]:
     """All metrics of generated uint8 images (a (N, 3, H, W) tensor or an iterable of batches) against
     reference statistics. `captions` (one per image) add prompt fidelity with the shapes classifier."""
-    if isinstance(images, torch.Tensor):
-        images = images.split(batch_size)
-    fake = extract_features(extractor, images, "generated features")
+    total = len(images) if isinstance(images, torch.Tensor) else None
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    fake = extract_features(extractor, batches, "generated features", total)
     described = extractor.describe()
     network = described.pop("name")
     fid_name, is_name = METRIC_NAMES.get(network, (f"FD_{network}", None))
@@ -307,16 +186,31 @@ def _shapes_head_logits(extractor: FeatureExtractor, features: torch.Tensor) -> 
 
 
 # ------------------------------------------------------------------------------------ checkpoints and folders
+def evaluate(
+    out: str, ckpt: str | None = None, fake_dir: str | None = None, data: Any = None, real_dir: str | None = None,
+    num_samples: int = 1000, num_real: int | None = None, features: Mapping[str, Any] | str | None = None,
+    k: int = 3, density_k: int = 5, cache_dir: str = ".cache/metrics", feature_batch_size: int = 64,
+    sampler: str = "ddim", steps: int = 50, eta: float = 0.0, cfg_scale: float = 5.0, seed: int = 0,
+    batch_size: int = 16, use_ema: bool = True, device: str = "auto", precision: str = "fp32",
+) -> dict[str, Any]:
+    """What `evaluate.py` does, with plain arguments (configs/evaluate.yaml documents them): sample `ckpt`
+    (or read `fake_dir`), compare with `real_dir` or the val split of `data` (a data config or a built data
+    module), write `out/metrics.json` and `out/metrics.md`; return the metrics."""
+    if (ckpt is None) == (fake_dir is None):
+        raise ValueError("pass exactly one of ckpt=PATH (sample, then evaluate) or fake_dir=DIR (evaluate images).")
+    options = EvaluationOptions(features=_as_spec(features), k=k, density_k=density_k, num_real=num_real,
+                                cache_dir=cache_dir, batch_size=feature_batch_size, device=device)
+    reference = reference_images(data, real_dir)
+    if fake_dir is not None:
+        return evaluate_folder(fake_dir, reference, out, options)
+    return evaluate_checkpoint(ckpt, reference, out, num_samples=num_samples, options=options, batch_size=batch_size,
+                               settings=SamplerSettings(sampler, steps, eta, cfg_scale, seed), use_ema=use_ema,
+                               precision=precision)
+
+
 def evaluate_checkpoint(
-    ckpt: str,
-    reference: ImageSource,
-    out: str,
-    *,
-    num_samples: int,
-    settings: SamplerSettings = SamplerSettings(),
-    options: EvaluationOptions = EvaluationOptions(),
-    batch_size: int = 16,
-    use_ema: bool = True,
+    ckpt: str, reference: ImageSource, out: str, *, num_samples: int, settings: SamplerSettings = SamplerSettings(),
+    options: EvaluationOptions = EvaluationOptions(), batch_size: int = 16, use_ema: bool = True,
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Sample `num_samples` images from `ckpt` into `out/samples/`, evaluate them against `reference`,
@@ -329,16 +223,13 @@ def evaluate_checkpoint(
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
     conditions = evaluation_conditions(model, num_samples, reference.captions)
-    extractor = build_features(options.features, reference_is_shapes=reference.is_shapes,
-                               image_size=model.hparams.image_size, cache_dir=options.cache_dir,
-                               device=resolve_device(options.device))
-    statistics = reference_statistics_for(reference, extractor, options)
+    extractor, statistics = _features_and_reference(reference, model.hparams.image_size, options)
     samples_dir = os.path.join(out, "samples")
     generate_to_dir(model, conditions, samples_dir, settings, batch_size=batch_size, ckpt=ckpt, autocast_dtype=dtype)
     metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options)
     metrics.update(checkpoint={"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
                                "use_ema": use_ema},
-                   sampler={**asdict(settings), "batch_size": batch_size, "precision": precision},
+                   sampler={**asdict(settings), "batch_size": batch_size, "autocast_precision": precision},
                    samples_dir=samples_dir)
     write_report(metrics, out)
     return metrics
@@ -351,10 +242,8 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
     fake = ImageFolder(fake_dir, "fake_dir")
     check_sample_count(len(fake.files), options)
     with Image.open(os.path.join(fake.path, fake.files[0])) as first_image:
-        size = first_image.size[1]
-    extractor = build_features(options.features, reference_is_shapes=reference.is_shapes, image_size=size,
-                               cache_dir=options.cache_dir, device=resolve_device(options.device))
-    statistics = reference_statistics_for(reference, extractor, options)
+        image_size = first_image.size[1]
+    extractor, statistics = _features_and_reference(reference, image_size, options)
     metrics = _evaluate_folder_against(fake, statistics, extractor, options)
     metrics["fake_dir"] = fake.path
     write_report(metrics, out)
@@ -379,11 +268,19 @@ def evaluation_conditions(model: Any, num_samples: int,
 
 
 def checkpoint_global_step(path: str) -> int | None:
-    """The training step a Lightning checkpoint was saved at (memory-mapped: no weights are read)."""
+    """The training step a Lightning checkpoint was saved at (memory-mapped: no weights are read); None
+    for an exported `.safetensors` model, which keeps no step."""
     if path.endswith(".safetensors"):
         return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return checkpoint.get("global_step")
+
+
+def _features_and_reference(reference: ImageSource, image_size: int,
+                            options: EvaluationOptions) -> tuple[FeatureExtractor, ReferenceStatistics]:
+    extractor = build_features(options.features, reference_is_shapes=reference.is_shapes, image_size=image_size,
+                               cache_dir=options.cache_dir, device=resolve_device(options.device))
+    return extractor, reference_statistics_for(reference, extractor, options)
 
 
 def _evaluate_folder_against(fake: ImageFolder, statistics: ReferenceStatistics, extractor: FeatureExtractor,
@@ -430,21 +327,4 @@ def markdown_table(metrics: Mapping[str, Any]) -> str:
 
 
 def _format(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _read_rgb(path: str, size: int | None) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is not None and image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        return np.asarray(image)
-
-
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as handle:
-        return handle.read().strip()
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import load_checkpoint
 from ldm.diffusion import LatentDiffusion
+from ldm.hardware import autocast_dtype, resolve_device
 from ldm.interop import load_exported, without_weight_sources
 from ldm.samplers import SAMPLERS
 from ldm.visualize import images_to_uint8, save_image_grid
@@ -134,3 +135,29 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
         with open(prompts_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
     return prompts
+
+
+def sample_checkpoint(
+    ckpt: str,
+    out: str,
+    prompts: Sequence[str] = (),
+    prompts_file: str | None = None,
+    class_labels: Sequence[int] = (),
+    n: int = 4,
+    batch_size: int = 16,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    cfg_scale: float = 5.0,
+    seed: int = 0,
+    use_ema: bool = True,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> list[dict]:
+    """What `sample.py` does: `n` samples per prompt / class of a checkpoint into `out`."""
+    settings = SamplerSettings(sampler, steps, eta, cfg_scale, seed)
+    dtype = autocast_dtype(precision)
+    model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(device))
+    conditions = conditions_for(model, [*prompts, *read_prompts(None, prompts_file)], class_labels, n)
+    return generate_to_dir(model, conditions, out, settings, batch_size=batch_size, ckpt=ckpt, per_row=n,
+                           autocast_dtype=dtype)

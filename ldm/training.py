@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import AtomicCheckpointIO
 from ldm.config import apply_size, config_hash, resolve_ckpt_path
+from ldm.distributed import cluster_plugins, is_global_zero_from_env
+from ldm.preemption import exit_status_on_preemption, fault_tolerance_callbacks, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +40,52 @@ def train(cfg: DictConfig) -> TrainResult:
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg)
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
+    if is_global_zero_from_env():  # DDP ranks share the run directory
+        OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     if cfg.get("init_from"):
         model.load_weights_from(cfg.init_from)
+    check_gradient_clipping(model, cfg.trainer)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += fault_tolerance_callbacks(cfg.seed, output_dir)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()]
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path is None and (ckpt_path := find_resume_checkpoint(output_dir)):
+        log.info("Resuming the interrupted run in %s from %s", output_dir, ckpt_path)
+    with exit_status_on_preemption():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     last_ckpt = os.path.join(output_dir, "checkpoints", "last.ckpt")
     trainer.save_checkpoint(last_ckpt)
     log.info("Finished: %s", last_ckpt)
+    if trainer.is_global_zero:
+        run_after_training(cfg.get("after_training"), last_ckpt, output_dir)
     return TrainResult(output_dir=output_dir, last_ckpt=last_ckpt, trainer=trainer)
+
+
+def check_gradient_clipping(model: pl.LightningModule, trainer_cfg: DictConfig) -> None:
+    """Lightning clips gradients only for automatic optimisation; say so before the run starts."""
+    if trainer_cfg.get("gradient_clip_val") and not model.automatic_optimization:
+        raise ValueError(
+            f"trainer.gradient_clip_val={trainer_cfg.gradient_clip_val} cannot apply to {type(model).__name__}: it "
+            "steps its optimizers itself (manual optimisation: autoencoder and discriminator in turn), and "
+            "Lightning clips only automatically optimised models. Set trainer.gradient_clip_val=null for stage 1."
+        )
+
+
+def run_after_training(actions: DictConfig | None, ckpt: str, output_dir: str) -> None:
+    """Call each `after_training.<name>` target with the final checkpoint and `<run dir>/<name>`
+    (the quickstart samples a grid and evaluates it this way)."""
+    for name, action in (actions or {}).items():
+        out = os.path.join(output_dir, name)
+        log.info("after training: %s -> %s", name, out)
+        hydra.utils.call(action, ckpt=ckpt, out=out)
 
 
 def ensure_first_stage(cfg: DictConfig) -> str:

@@ -284,7 +284,7 @@ def test_fit_lowers_the_reconstruction_loss(trained):
 
 
 def test_validation_writes_an_input_vs_reconstruction_grid(trained):
-    path = Path(trained.trainer.log_dir) / "images" / "recon_step0000030.png"
+    path = Path(trained.trainer.default_root_dir) / "images" / "recon_step0000030.png"
     assert path.is_file()
     with Image.open(path) as grid:  # 2 columns (input | output), num_log_images rows, 2-px padding
         assert grid.size == (2 * 16 + 3 * 2, 3 * 16 + 4 * 2)

@@ -4,18 +4,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import hydra
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
 from ldm.callbacks import EvaluationCallback
 from ldm.data.shapes import render_sample
 from ldm.diffusion import LatentDiffusion
-from ldm.evaluation import class_log_probabilities, evaluation_conditions, markdown_table
+from ldm.evaluation import build_features, class_log_probabilities, evaluation_conditions, markdown_table
+from ldm.image_sources import ImageFolder, data_identity
+from ldm.metrics import WeightsUnavailableError
 from ldm.metrics.shapes_classifier import (
     load_shapes_classifier_extractor,
     save_shapes_classifier,
@@ -111,13 +116,13 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     metrics = read_metrics(out)
     assert metrics["reference"]["cache_hit"] and metrics["num_samples"] == 6 and metrics["fid"] > 1.0
     assert metrics["checkpoint"]["global_step"] == 7 and metrics["sampler"]["steps"] == 2
-    assert metrics["sampler"]["cfg_scale"] == 3.0
+    assert metrics["sampler"]["cfg_scale"] == 3.0 and metrics["features"]["preprocessing"]
     with open(out / "samples" / "samples.json") as handle:
         records = json.load(handle)
-    real_captions = [(open(os.path.join(shapes_folders["real"], f"{i:05d}.txt")).read()) for i in range(6)]
+    real_captions = [(Path(shapes_folders["real"]) / f"{i:05d}.txt").read_text() for i in range(6)]
     assert [record["prompt"] for record in records] == real_captions  # prompts: the reference captions, in order
-    assert sorted(name for name in os.listdir(out / "samples") if name.endswith(".png"))[:6] == [
-        f"{i:05d}.png" for i in range(6)]
+    pngs = {name for name in os.listdir(out / "samples") if name.endswith(".png")}
+    assert pngs == {f"{i:05d}.png" for i in range(6)} | {"grid.png"}  # grid.png is not evaluated (6 samples)
     assert metrics["prompt_fidelity_all"] is not None
 
 
@@ -133,24 +138,53 @@ def test_data_config_reference_picks_shapes_features(tmp_path, classifier_path, 
     assert 0.0 <= metrics["precision"] <= 1.0 and metrics["fid"] > 0
 
 
-@pytest.mark.parametrize("case", ["missing_inception_weights", "missing_ckpt", "empty_folder"])
+@pytest.mark.parametrize("case", ["missing_inception_weights", "missing_ckpt"])
 def test_errors_exit_2_with_a_message_and_no_traceback(tmp_path, shapes_folders, case):
-    empty = tmp_path / "empty"
-    empty.mkdir()
     overrides, env, expected = {
-        "missing_inception_weights": ([f"fake_dir={shapes_folders['real']}", f"real_dir={shapes_folders['real']}",
-                                       "features=inception_v3"], {"TORCH_HOME": str(empty)},
+        "missing_inception_weights": ([f"fake_dir={shapes_folders['real']}", "features=inception_v3"],
+                                      {"TORCH_HOME": str(tmp_path / "empty_torch_home")},
                                       "weights-inception-2015-12-05-6726825d.pth"),
-        "missing_ckpt": ([f"ckpt={tmp_path / 'nope.ckpt'}", f"real_dir={shapes_folders['real']}"], {}, "nope.ckpt"),
-        "empty_folder": ([f"fake_dir={empty}", f"real_dir={shapes_folders['real']}"], {}, "holds no images"),
+        "missing_ckpt": ([f"ckpt={tmp_path / 'nope.ckpt'}"], {}, "nope.ckpt"),
     }[case]
-    result = run_evaluate(*overrides, f"paths.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}", env=env)
+    result = run_evaluate(*overrides, f"real_dir={shapes_folders['real']}", f"paths.cache_dir={tmp_path / 'cache'}",
+                          f"out={tmp_path / 'out'}", env=env)
     assert result.returncode == 2
     assert expected in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
 
 
-# ------------------------------------------------------------------------------------ library pieces
+def test_image_folder_errors_name_the_option(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="real_dir=.* holds no images"):
+        ImageFolder(str(tmp_path), "real_dir")
+    with pytest.raises(FileNotFoundError, match="fake_dir=.* is not a directory"):
+        ImageFolder(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------ configs and library pieces
+
+
+@pytest.mark.parametrize("features", ["auto", "shapes_cnn", "inception_v3", "clip", "dinov2"])
+def test_evaluate_config_composes_with_each_features_choice(features):
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"features={features}", "out=/tmp/x"])
+    assert cfg.features.name == features and cfg.data.resolution == 64 and cfg.k == 3
+
+
+def test_train_composes_the_evaluation_callback_beside_ldm_callbacks(tmp_path):
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=quickstart", "callbacks=[ldm,evaluation]",
+                                                      f"paths.output_dir={tmp_path}"])
+    assert list(cfg.callbacks) == ["model_checkpoint", "lr_monitor", "sample_grid", "evaluation"]
+    callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
+    assert isinstance(callback, EvaluationCallback)
+    assert data_identity(callback.data_identity)["resolution"] == cfg.data.resolution  # the cache key sees the data
+    assert "num_workers" not in data_identity(callback.data_identity)
+
+
+def test_unknown_features_name_lists_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="unknown feature extractor 'incep'.*inception_v3"):
+        build_features({"name": "incep"}, reference_is_shapes=False, image_size=32, cache_dir=str(tmp_path))
 
 
 def test_shapes_class_log_probabilities_are_the_joint_of_the_heads(classifier_path):
@@ -222,3 +256,14 @@ def test_callback_logs_metrics_at_each_evaluation_step(tmp_path, classifier_path
     with open(tmp_path / "eval" / "metrics.jsonl") as handle:
         assert [json.loads(line)["step"] for line in handle] == [2, 3]
     assert len(os.listdir(tmp_path / "cache")) == 1  # reference statistics computed once
+
+
+def test_callback_missing_weights_stop_the_run_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    callback = EvaluationCallback(every_n_steps=1, num_samples=6, features="inception_v3", cache_dir=str(tmp_path))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[callback], limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(WeightsUnavailableError, match="features.weights_path="):
+        trainer.fit(LatentDiffusion(**TINY_MODEL), datamodule=CaptionedShapes())
+    assert trainer.global_step == 0

@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("datasets"))
 
 
-def toy_overrides(tmp_path, data_dir: str) -> list[str]:
+def toy_overrides(tmp_path, data_dir: str, resolution: int = 32) -> list[str]:
     return [
         "size=tiny",
         "logger=csv",
@@ -27,7 +27,7 @@ def toy_overrides(tmp_path, data_dir: str) -> list[str]:
         f"paths.log_dir={tmp_path}/outputs",
         f"paths.cache_dir={tmp_path}/cache",
         f"paths.data_dir={data_dir}",
-        "data.resolution=32",
+        f"data.resolution={resolution}",
         "data.num_train=64",
         "data.num_val=16",
         "data.batch_size=4",
@@ -49,7 +49,8 @@ def run_train(overrides: list[str]):
 
 @pytest.mark.parametrize("factor", [4, 8, 16])
 def test_autoencoder_fast_dev_run_each_factor(tmp_path, data_dir, factor):
-    result = run_train([f"experiment=ae_kl_f{factor}", "trainer.fast_dev_run=2", *toy_overrides(tmp_path, data_dir)])
+    result = run_train([f"experiment=ae_kl_f{factor}", "trainer.fast_dev_run=2", "model.loss.lpips_pretrained=false",
+                        *toy_overrides(tmp_path, data_dir)])
     assert os.path.isfile(result.last_ckpt)
     model = result.trainer.lightning_module
     z = model.encode(torch.zeros(1, 3, 32, 32)).mode()
@@ -57,7 +58,8 @@ def test_autoencoder_fast_dev_run_each_factor(tmp_path, data_dir, factor):
 
 
 def test_resume_from_last_continues_step_count(tmp_path, data_dir):
-    base = ["experiment=ae_kl_f8", *toy_overrides(tmp_path, data_dir), "trainer.val_check_interval=3"]
+    base = ["experiment=ae_kl_f8", "model.loss.perceptual_weight=0", *toy_overrides(tmp_path, data_dir),
+            "trainer.val_check_interval=3"]
     first = run_train([*base, "trainer.max_steps=3"])
     assert first.trainer.global_step == 3
     resumed = run_train([*base, "trainer.max_steps=5", f"ckpt_path={first.last_ckpt}"])
@@ -67,10 +69,10 @@ def test_resume_from_last_continues_step_count(tmp_path, data_dir):
 def test_latent_diffusion_chains_stage_one_once(tmp_path, data_dir):
     overrides = [
         "experiment=ldm_f8_text",
-        *toy_overrides(tmp_path, data_dir),
+        *toy_overrides(tmp_path, data_dir, resolution=64),  # f=8: 8x8 latents for a 4-level UNet
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
-        "first_stage.overrides=[trainer.max_steps=2,model.loss.perceptual_weight=0]",
+        "first_stage.overrides=['trainer.max_steps=2','model.loss.perceptual_weight=0']",
         "callbacks.sample_grid.every_n_steps=3",
         "callbacks.sample_grid.steps=2",
         "callbacks.sample_grid.samples_per_condition=1",
@@ -90,7 +92,7 @@ def test_latent_diffusion_chains_stage_one_once(tmp_path, data_dir):
 
 def test_command_line_entry_point(tmp_path, data_dir):
     args = [
-        sys.executable, os.path.join(REPO, "train.py"), "experiment=ae_kl_f4", "trainer.max_steps=2",
+        sys.executable, os.path.join(REPO, "train.py"), "experiment=ae_kl_f4", "trainer.max_steps=2", "model.loss.perceptual_weight=0",
         "trainer.val_check_interval=2", f"hydra.run.dir={tmp_path}/cli_run",
         *[o for o in toy_overrides(tmp_path, data_dir) if not o.startswith("paths.output_dir")],
     ]

@@ -27,6 +27,11 @@ def expand_urls(urls: str) -> list[str]:
     return expanded
 
 
+def is_local(url: str) -> bool:
+    """Whether a shard URL names a local file (not ``pipe:``, ``http://``, ``s3://`` ...)."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
     """Write ``(key, {ext: bytes})`` samples to a tar at ``path``; return the sample count.
 
@@ -90,7 +95,7 @@ def iter_raw_samples(urls: Iterable[str], on_error: Callable[[Exception], None])
 
 def _scan_count(url: str) -> int:
     """Count sample keys of one shard by reading its member headers (local) or streaming it (remote)."""
-    if os.path.exists(url):
+    if is_local(url):
         keys = set()
         try:
             with tarfile.open(url, "r:") as tar:
