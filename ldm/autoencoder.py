@@ -95,6 +95,9 @@ class AutoencoderKL(pl.LightningModule):
         total = log.pop("loss")
         batch_size = images.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        # corrupt samples the data pipeline dropped while building this batch (summed over the epoch)
+        self.log("data/skipped_samples", float(batch.get("num_skipped", 0)), reduce_fx="sum", on_epoch=True,
+                 batch_size=batch_size)
         self.log_dict({f"train/{name}": value for name, value in log.items()}, batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -1,12 +1,25 @@
-"""Training callbacks: sample grids for fixed conditions during latent-diffusion training."""
+"""Training callbacks: sample grids for fixed conditions, and periodic evaluation (FID, precision/recall)."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 
+from ldm.evaluation import (
+    EvaluationOptions,
+    build_features,
+    check_sample_count,
+    evaluate_images,
+    evaluation_conditions,
+    reference_statistics_for,
+)
+from ldm.generation import SamplerSettings, as_model_inputs
+from ldm.image_sources import DataSplitImages, data_identity, datamodule_identity
+from ldm.metrics import images_to_uint8
 from ldm.visualize import log_image_grid, save_image_grid
 
 
@@ -74,21 +87,6 @@ class SampleGrid(pl.Callback):
 
 
 # ---------------------------------------------------------------------------- periodic evaluation
-import json  # noqa: E402  (kept beside the one class that uses them: this section is self-contained)
-from dataclasses import replace  # noqa: E402
-from typing import Callable, Mapping  # noqa: E402
-
-from ldm.evaluation import (  # noqa: E402
-    EvaluationOptions,
-    build_features,
-    check_sample_count,
-    evaluate_images,
-    evaluation_conditions,
-    reference_statistics_for,
-)
-from ldm.generation import SamplerSettings, _as_model_inputs  # noqa: E402
-from ldm.image_sources import DataSplitImages, data_identity, datamodule_identity  # noqa: E402
-from ldm.metrics import images_to_uint8  # noqa: E402
 
 
 class EvaluationCallback(pl.Callback):
@@ -208,7 +206,7 @@ class EvaluationCallback(pl.Callback):
         for offset in range(0, share, self.batch_size):
             chunk = mine[offset:offset + self.batch_size]
             images = pl_module.generate(
-                _as_model_inputs(chunk), len(chunk), sampler=self.settings.sampler, steps=self.settings.steps,
+                as_model_inputs(chunk), len(chunk), sampler=self.settings.sampler, steps=self.settings.steps,
                 eta=self.settings.eta, cfg_scale=self.settings.cfg_scale, seed=self.settings.seed,
                 seed_offset=first + offset,
             )

@@ -1,4 +1,4 @@
-"""Config helpers shared by the entry points: size presets, `ckpt_path=last`, config identity."""
+"""Config helpers shared by the entry points: `ckpt_path=last`, config identity, learning-rate scaling."""
 from __future__ import annotations
 
 import glob
@@ -8,32 +8,7 @@ import os
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf, open_dict
-
-
-def apply_size(cfg: DictConfig) -> DictConfig:
-    """Merge the `size` preset into `cfg.model`, touching only keys the model config already has.
-
-    A preset (configs/size/*.yaml) lists widths and depths for every kind of network; intersecting
-    with the chosen model keeps the experiment's structure (factor, attention placement, lists) and
-    never adds a constructor argument a network does not take.
-    """
-    overrides = cfg.get("size", {}).get("model", None)
-    if overrides:
-        with open_dict(cfg):
-            _merge_existing(cfg.model, overrides)
-    return cfg
-
-
-def _merge_existing(target: DictConfig, overrides: DictConfig) -> None:
-    for key, value in overrides.items():
-        if key not in target:
-            continue
-        if isinstance(value, DictConfig):
-            if isinstance(target[key], DictConfig):
-                _merge_existing(target[key], value)
-        else:
-            target[key] = value
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra")) -> str:

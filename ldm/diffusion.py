@@ -150,6 +150,8 @@ class LatentDiffusion(pl.LightningModule):
         loss = losses.mean()
         n = losses.shape[0]
         self.log("train/loss", loss, batch_size=n)
+        # corrupt samples the data pipeline dropped while building this batch (summed over the epoch)
+        self.log("data/skipped_samples", float(batch.get("num_skipped", 0)), reduce_fx="sum", on_epoch=True, batch_size=n)
         self._log_loss_by_timestep("train", losses, t)
         if self._is_logging_step():
             # host syncs happen here only: the progress bar value and the non-finite step check

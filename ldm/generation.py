@@ -96,7 +96,7 @@ def generate_to_dir(
     records, images_uint8 = [], []
     for start in tqdm(range(0, len(conditions), batch_size), desc="sampling", unit="batch"):
         chunk = conditions[start:start + batch_size]
-        inputs = _as_model_inputs(chunk)
+        inputs = as_model_inputs(chunk)
         with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             images = model.generate(
                 inputs, len(chunk), sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
@@ -118,7 +118,7 @@ def generate_to_dir(
     return records
 
 
-def _as_model_inputs(chunk: list[str | int | None]) -> list[str] | torch.Tensor | None:
+def as_model_inputs(chunk: list[str | int | None]) -> list[str] | torch.Tensor | None:
     if chunk[0] is None:
         return None
     if isinstance(chunk[0], str):

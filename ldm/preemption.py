@@ -41,17 +41,12 @@ class PreemptionCheckpoint(pl.Callback):
 
     def __init__(self, dirpath: str) -> None:
         self.path = os.path.join(dirpath, LAST_CHECKPOINT)
-        self._previous_usr1: Any = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning registers its SIGTERM handler after `setup`, keeping ours: SIGUSR1 -> SIGTERM -> Lightning.
-        if stage == "fit" and not _slurm_requeue_owns_usr1(trainer):
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, _forward_to_sigterm)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning has registered its handlers (and noted the previous ones, which it restores when
+        # fit ends, however it ends): SIGUSR1 -> SIGTERM -> Lightning's graceful stop.
+        if not _slurm_requeue_owns_usr1(trainer):
+            signal.signal(signal.SIGUSR1, _forward_to_sigterm)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):

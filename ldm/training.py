@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import hydra
@@ -15,11 +16,16 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import AtomicCheckpointIO
-from ldm.config import apply_size, config_hash, resolve_ckpt_path
+from ldm.config import config_hash, resolve_ckpt_path
 from ldm.distributed import cluster_plugins, is_global_zero_from_env
 from ldm.preemption import exit_status_on_preemption, fault_tolerance_callbacks, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
+
+# Deliberate here: our IterableDatasets have exact per-rank lengths, and the frozen first stage and
+# LPIPS network stay in eval mode during training.
+warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 LATENT_DIFFUSION_TARGET = "ldm.LatentDiffusion"
 
@@ -33,7 +39,6 @@ class TrainResult:
 
 def train(cfg: DictConfig) -> TrainResult:
     """Fit the configured model; returns where the final checkpoint is."""
-    apply_size(cfg)
     needs_first_stage = not cfg.model.get("first_stage_ckpt") and not cfg.model.get("first_stage")
     if cfg.model._target_ == LATENT_DIFFUSION_TARGET and needs_first_stage:
         with open_dict(cfg):
@@ -105,11 +110,12 @@ def ensure_first_stage(cfg: DictConfig) -> str:
     stage1 = hydra.compose(config_name="train", overrides=overrides)
     with open_dict(stage1):
         stage1.data = cfg.data
-        stage1.paths = OmegaConf.merge(cfg.paths, {"output_dir": "."})  # placeholder, set below
-        for key in ("accelerator", "devices", "num_nodes", "precision"):
-            stage1.trainer[key] = cfg.trainer[key]
+        stage1.paths = cfg.paths  # a copy; the output_dir is a placeholder until the hash names the directory
+        stage1.paths.output_dir = "<first-stage run dir>"
+        for key in ("accelerator", "devices", "num_nodes", "precision", "strategy", "use_distributed_sampler"):
+            if key in cfg.trainer:  # same processes; the strategy's own keys resolve in the stage-1 config
+                stage1.trainer[key] = cfg.trainer[key]
         stage1.logger = cfg.get("logger")
-    apply_size(stage1)
     run_dir = os.path.join(cfg.paths.cache_dir, "first_stage", f"{first_stage.experiment}_{config_hash(stage1)}")
     done_marker = os.path.join(run_dir, "DONE")
     last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")

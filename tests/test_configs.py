@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from ldm.config import apply_size, config_hash, resolve_ckpt_path
+from ldm.config import config_hash, resolve_ckpt_path
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "experiment")) if f.endswith(".yaml"))
@@ -15,8 +15,7 @@ EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "experi
 
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
-    return apply_size(cfg)
+        return compose(config_name="train", overrides=overrides, return_hydra_config=False)
 
 
 def widths(cfg) -> dict:
@@ -46,10 +45,16 @@ def test_experiment_composes_and_tiny_keeps_structure(experiment):
             assert tiny.model.unet.context_dim == tiny.model.conditioner.width
 
 
-def test_size_only_touches_existing_keys():
+def test_size_preset_adds_nothing_and_command_line_wins():
     cfg = compose_train(["experiment=ae_kl_f8", "size=tiny"])
     assert "unet" not in cfg.model and "conditioner" not in cfg.model
     assert cfg.model.vae.ch == 16 and cfg.model.vae.norm_groups == 8
+    explicit = compose_train(["experiment=ae_kl_f8", "size=tiny", "model.vae.ch=24"])
+    assert explicit.model.vae.ch == 24
+    text = compose_train(["experiment=ldm_f8_text", "size=small"])
+    assert text.model.conditioner.width == 128 and text.model.unet.context_dim == 128
+    classes = compose_train(["experiment=ldm_f8_class", "size=small"])
+    assert "width" not in classes.model.conditioner and classes.model.unet.class_embed_dim == 128
 
 
 def test_factor_experiments_set_latent_channels():
