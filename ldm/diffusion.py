@@ -92,6 +92,15 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage.encode(images).sample() * self.scale_factor
 
     @torch.no_grad()
+    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unscaled first-stage latents of a batch: a posterior sample from cached `latent_mean` /
+        `latent_std` (cached-latent shards: no encoder pass), else from encoding `image`."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+        return self.first_stage.encode(batch["image"]).sample(generator=generator)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.first_stage.decode(latents / self.scale_factor)
 
@@ -105,11 +114,10 @@ class LatentDiffusion(pl.LightningModule):
         an ldm run or an ldm export; exact or a clear error listing the keys that do not fit."""
         load_weights_into(self, path, use_ema)
 
-    def _init_scale_factor(self, images: torch.Tensor) -> None:
+    def _init_scale_factor(self, batch: dict[str, Any]) -> None:
         """The paper's rescaling (Sec. 3.3 / App. G): unit-variance latents from the first batch.
         Computed on rank 0 and broadcast, so every rank trains on identically scaled latents."""
-        with torch.no_grad():
-            std = self.first_stage.encode(images).sample().flatten().std()
+        std = self.batch_latents(batch).flatten().std()
         value = self.trainer.strategy.broadcast(1.0 / std, src=0) if self._trainer is not None else 1.0 / std
         self.scale_factor.copy_(value)
         self._scale_factor_ready = True
@@ -127,7 +135,7 @@ class LatentDiffusion(pl.LightningModule):
         self, batch: dict[str, Any], generator: torch.Generator | None = None, p_uncond: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses and their timesteps: ||target - UNet(z_t, t, c)||^2 (LDM paper, Eq. 2)."""
-        latents = self.encode(batch["image"])
+        latents = self.batch_latents(batch, generator) * self.scale_factor
         n = latents.shape[0]
         drop = drop_mask(n, p_uncond, generator=generator, device=self.device) if p_uncond > 0 else None
         cond = self.conditioning(batch, drop)
@@ -143,7 +151,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self._scale_factor_ready:
-            self._init_scale_factor(batch["image"])
+            self._init_scale_factor(batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses, t = self.diffusion_losses(batch, p_uncond=self.hparams.p_uncond)

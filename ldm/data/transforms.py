@@ -79,11 +79,18 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def collate(rows: list[dict], num_skipped: int) -> dict:
-    """Stack rows into the batch of docs/architecture.md, plus ``num_skipped`` (corrupt samples dropped)."""
-    return {
-        "image": torch.stack([row["image"] for row in rows]),
-        "caption": [row["caption"] for row in rows],
-        "class_label": torch.tensor([row["class_label"] for row in rows], dtype=torch.int64),
-        "key": [row["key"] for row in rows],
-        "num_skipped": num_skipped,
-    }
+    """Stack rows into the batch of docs/architecture.md, plus ``num_skipped`` (corrupt samples dropped).
+
+    Tensor fields are stacked, int fields (``class_label``) become an int64 tensor, the rest (``caption``,
+    ``key``) stay lists: the same rule serves image rows and cached-latent rows."""
+    batch: dict = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[name] = torch.tensor(values, dtype=torch.int64)
+        else:
+            batch[name] = values
+    batch["num_skipped"] = num_skipped
+    return batch

@@ -13,6 +13,7 @@ decoding; only if all of them are corrupt does it read on until it has a good on
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
@@ -40,12 +41,15 @@ def distributed_rank_and_world_size() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one rank for one epoch, as planned; ``start_epoch`` sets the epoch and resume point."""
+    """Batches of one rank for one epoch, as planned; ``start_epoch`` sets the epoch and resume point.
 
-    def __init__(self, urls: list[str], plan: ShardPlan, rank: int, transform: ImageTransform, batch_size: int,
+    ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``): images
+    for ``WebDataModule``, cached latents for ``ldm.latents.LatentDataModule``."""
+
+    def __init__(self, urls: list[str], plan: ShardPlan, rank: int, decode: Callable[..., dict], batch_size: int,
                  shuffle_buffer: int, seed: int) -> None:
         self.urls, self.plan, self.rank = urls, plan, rank
-        self.transform, self.batch_size = transform, batch_size
+        self.decode, self.batch_size = decode, batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.epoch, self.worker_skips, self.worker_rotation = 0, [0] * plan.num_workers, 0
 
@@ -93,7 +97,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, raw: dict, on_corrupt: Callable[[object], None]) -> dict | None:
         try:
-            return decode_sample(raw, self.transform, self.seed, self.epoch)
+            return self.decode(raw, epoch=self.epoch)
         except CorruptSample as exn:
             on_corrupt(exn)
             return None
@@ -145,7 +149,8 @@ class EpochLoader(DataLoader):
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start_epoch(*self._start_pass())
         for batch in super().__iter__():
-            batch["image"] = to_unit_range(batch["image"])  # in this process: workers ship uint8
+            if "image" in batch:
+                batch["image"] = to_unit_range(batch["image"])  # in this process: workers ship uint8
             self._on_batch(batch)
             yield batch
         self._on_end()
@@ -220,13 +225,17 @@ class WebDataModule(pl.LightningDataModule):
         notes = plan.warnings + (plan.notes if train else ())  # fewer val workers is no news worth a warning
         for note in notes if rank == 0 else ():  # every rank has the same plan: say it once
             warnings.warn(f"{'train' if train else 'val'} shards {urls}: {note}", UserWarning, stacklevel=3)
-        transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
-        stream = ShardStream(shard_urls, plan, rank, transform, batch_size,
+        stream = ShardStream(shard_urls, plan, rank, self.sample_decoder(train), batch_size,
                              shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed)
         workers = plan.num_workers if self.num_workers > 0 else 0
         if train:
             return EpochLoader(stream, workers, self._start_train_pass, self._count_train_batch, self._end_train_pass)
         return EpochLoader(stream, workers, lambda: (0, 0), self._count_skipped, lambda: None)
+
+    def sample_decoder(self, train: bool) -> Callable[..., dict]:
+        """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
+        transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
+        return functools.partial(decode_sample, transform=transform, seed=self.seed)
 
     def _start_train_pass(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
