@@ -39,6 +39,7 @@ class AutoencoderKL(pl.LightningModule):
         num_log_images: int = 8,
         scale_lr: bool = False,
         batch_size: int | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -46,6 +47,7 @@ class AutoencoderKL(pl.LightningModule):
         self.vae = KLAutoencoder(**vae)
         self.loss = AutoencoderLoss(**loss)
         self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
 
     @property
     def latent_channels(self) -> int:
@@ -124,6 +126,7 @@ class AutoencoderKL(pl.LightningModule):
         if not finite:
             self.on_nonfinite_loss(name)
             return
+        self._nonfinite_in_a_row = 0
         optimizer.zero_grad()
         self.manual_backward(loss)
         if advances_global_step:
@@ -132,12 +135,20 @@ class AutoencoderKL(pl.LightningModule):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
 
     def on_nonfinite_loss(self, name: str) -> None:
-        """Count and report a skipped step (the hook for a stop-after-N rule)."""
+        """Count and report a skipped step; stop after `max_nonfinite_steps` in a row (the last
+        checkpoint on disk predates them)."""
         self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
         rank_zero_warn(
             f"non-finite {name} loss at global step {self.global_step}: skipped this optimizer "
             f"step ({self.nonfinite_steps} skipped so far)"
         )
+        if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} optimizer steps in a row had a NaN/inf {name} loss (limit "
+                f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); the run is stopped. Lower the "
+                "learning rate or check the data; resume from the last checkpoint with ckpt_path=last."
+            )
 
     def _save_reconstruction_grid(self, images: Tensor, reconstructions: Tensor) -> None:
         """PNG with inputs in the left column and reconstructions in the right, plus logger copy."""

@@ -25,14 +25,15 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> st
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        pattern = os.path.join(log_dir, task_name, "*", "*", "checkpoints", "last.ckpt")
-        candidates = sorted(glob.glob(pattern), key=os.path.getmtime)
+        # runs/<time>/checkpoints and multiruns/<time>/<job>/checkpoints (a file, or an FSDP sharded dir)
+        pattern = os.path.join(log_dir, task_name, "**", "checkpoints", "last.ckpt")
+        candidates = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
         if not candidates:
             raise FileNotFoundError(
                 f"ckpt_path=last: no checkpoint matches {pattern}. Train first, or pass ckpt_path=PATH."
             )
         return candidates[-1]
-    if not os.path.isfile(ckpt_path):
+    if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Pass an existing .ckpt or `last`.")
     return ckpt_path
 

@@ -159,7 +159,8 @@ class LatentDiffusion(pl.LightningModule):
         n = losses.shape[0]
         self.log("train/loss", loss, batch_size=n)
         # corrupt samples the data pipeline dropped while building this batch (summed over the epoch)
-        self.log("data/skipped_samples", float(batch.get("num_skipped", 0)), reduce_fx="sum", on_epoch=True, batch_size=n)
+        skipped = float(batch.get("num_skipped", 0))
+        self.log("data/skipped_samples", skipped, reduce_fx="sum", on_epoch=True, batch_size=n)
         self._log_loss_by_timestep("train", losses, t)
         if self._is_logging_step():
             # host syncs happen here only: the progress bar value and the non-finite step check
@@ -183,7 +184,10 @@ class LatentDiffusion(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.nonfinite_guard.arm(optimizer, self.trainable.parameters())
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows each real optimizer step (once per accumulated batch), and before
+        # ModelCheckpoint saves, so a mid-run checkpoint holds the EMA of its own step
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.trainable)
 

@@ -83,7 +83,9 @@ class RNGStateCheckpoint(pl.Callback):
             set_rng_states(self._pending)
             self._pending = None
 
-    # validation inside fit must not shift the training stream (a resumed run skips that validation)
+    # validation inside fit must not shift the training stream: a run resumed from a checkpoint saved
+    # before that validation (ModelCheckpoint saves in on_train_batch_end) never runs it (the val
+    # DataLoader's worker seed alone is one draw from torch's generator)
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._validation_states = get_rng_states()
@@ -104,8 +106,9 @@ class RNGStateCheckpoint(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         per_rank = state_dict["per_rank"]
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if len(per_rank) != (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        if len(per_rank) != world_size:
             log.warning("The checkpoint holds RNG states of %d ranks, this run has another count: the noise "
                         "stream restarts from seed %d + rank (training continues correctly, not bit-exactly).",
                         len(per_rank), self.seed)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ldm.distributions import DiagonalGaussian
 from ldm.nets.attention import AttnBlock
+from ldm.nets.unet import Upsample  # nearest x2 + 3x3 conv: the same layer in both nets
 
 GROUP_NORM_EPS = 1e-6  # CompVis autoencoder GroupNorm eps (the UNet uses 1e-5)
 
@@ -250,17 +251,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
