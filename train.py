@@ -7,13 +7,15 @@ import hydra
 from omegaconf import DictConfig
 
 from ldm.distributed import hydra_ddp_job
-from ldm.training import train
+from ldm.training import optimized_metric, train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns `optimized_metric` (set by hparams_search configs) for sweepers such as Optuna."""
     with hydra_ddp_job():  # DDP ranks share this job's run directory (Lightning + Hydra, see ldm/distributed.py)
-        train(cfg)
+        result = train(cfg)
+    return optimized_metric(result.trainer, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

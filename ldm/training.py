@@ -93,12 +93,29 @@ def run_after_training(actions: DictConfig | None, ckpt: str, output_dir: str) -
         hydra.utils.call(action, ckpt=ckpt, out=out)
 
 
+def optimized_metric(trainer: pl.Trainer, name: str | None) -> float | None:
+    """What a sweeper minimises (hparams_search configs set `optimized_metric`): its last logged value."""
+    if not name:
+        return None
+    if name not in trainer.callback_metrics:
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged (logged: {sorted(trainer.callback_metrics)}); validation "
+            "must run at the last step: make trainer.max_steps a multiple of trainer.val_check_interval."
+        )
+    return float(trainer.callback_metrics[name])
+
+
 def ensure_first_stage(cfg: DictConfig) -> str:
     """Train the stage-1 experiment `cfg.first_stage` names, unless an identical one is cached.
 
     The stage-1 run shares this run's data, seed, size and accelerator, so a sweep over
     `experiment=ldm_f4_text,ldm_f8_text,...` trains each factor's autoencoder once and reuses it.
     """
+    if cfg.data._target_.endswith("LatentDataModule"):
+        raise ValueError(
+            "data=latents needs model.first_stage_ckpt=<the autoencoder that wrote the cache: see its latents.json>; "
+            "a stage-1 model cannot be trained from latents."
+        )
     first_stage = cfg.get("first_stage")
     if not first_stage or not first_stage.get("experiment"):
         raise ValueError(
