@@ -1,7 +1,7 @@
 """Training losses.
 
 `AutoencoderLoss` is the first-stage objective of Rombach et al. 2022 (appendix G, eq. 25):
-an L1 + LPIPS reconstruction term under a learned scalar log-variance, a small KL pull towards
+an L1 (or L2) + LPIPS reconstruction term under a learned scalar log-variance, a small KL pull towards
 N(0, I), and a hinge PatchGAN term whose weight adapts to the gradient scale (Esser et al. 2021,
 eq. 7) and switches on at `disc_start`.
 """
@@ -38,6 +38,7 @@ class AutoencoderLoss(nn.Module):
         disc_start: int,
         kl_weight: float = 1e-6,
         pixel_weight: float = 1.0,
+        pixel_loss: Literal["l1", "l2"] = "l1",
         perceptual_weight: float = 1.0,
         disc_weight: float = 0.5,
         disc_factor: float = 1.0,
@@ -48,11 +49,14 @@ class AutoencoderLoss(nn.Module):
         lpips_pretrained: bool = True,
     ) -> None:
         super().__init__()
+        if pixel_loss not in _PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {sorted(_PIXEL_LOSSES)}, got {pixel_loss!r}")
         if disc_loss not in _DISC_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(_DISC_LOSSES)}, got {disc_loss!r}")
         self.disc_start = disc_start
         self.kl_weight = kl_weight
         self.pixel_weight = pixel_weight
+        self._pixel_loss = _PIXEL_LOSSES[pixel_loss]
         self.perceptual_weight = perceptual_weight
         self.disc_weight = disc_weight
         self.disc_factor = disc_factor
@@ -79,8 +83,8 @@ class AutoencoderLoss(nn.Module):
         weight needs its gradients. Pass None in evaluation: the adversarial term is then
         logged but weighted by zero.
         """
-        rec_loss = self.pixel_weight * (inputs - reconstructions).abs()
-        log: dict[str, Tensor] = {"l1_loss": rec_loss.detach().mean()}
+        rec_loss = self.pixel_weight * self._pixel_loss(inputs - reconstructions)
+        log: dict[str, Tensor] = {"pixel_loss": rec_loss.detach().mean()}
         if self.perceptual_loss is not None:
             p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
             rec_loss = rec_loss + self.perceptual_weight * p_loss
@@ -143,6 +147,12 @@ def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 
 
 _DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+# Per-pixel reconstruction error. L1 is the paper's, and works together with LPIPS. Without LPIPS
+# (offline, or CPU-sized runs) L2 learns small objects far faster: while the decoder cannot yet
+# place an object, L1's optimum is the per-pixel median, i.e. the background, and its gradient
+# does not grow with the error; L2 pulls towards the mean and weighs the large object errors most.
+_PIXEL_LOSSES = {"l1": torch.abs, "l2": torch.square}
 
 
 def build_lpips(pretrained: bool = True) -> nn.Module:

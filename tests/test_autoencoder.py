@@ -180,6 +180,25 @@ def test_gan_losses_match_their_formulas():
         AutoencoderLoss(disc_start=0, perceptual_weight=0, disc_loss="wasserstein")
 
 
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+def test_generator_loss_is_the_pixel_nll_under_the_learned_logvar_plus_kl(pixel_loss):
+    torch.manual_seed(0)
+    inputs, reconstructions = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    posterior = DiagonalGaussian(torch.randn(2, 8, 2, 2))
+    loss_fn = AutoencoderLoss(disc_start=10, perceptual_weight=0, pixel_loss=pixel_loss, logvar_init=0.7,
+                              kl_weight=1e-3)
+    loss, log = loss_fn.generator_loss(inputs, reconstructions, posterior, global_step=0)
+    error = (inputs - reconstructions).abs()
+    pixel = error if pixel_loss == "l1" else error**2
+    logvar = torch.tensor(0.7)
+    nll = (pixel / logvar.exp() + logvar).sum() / 2
+    kl = (0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar)).sum() / 2
+    assert loss.item() == pytest.approx((nll + 1e-3 * kl).item(), rel=1e-5)
+    assert log["pixel_loss"].item() == pytest.approx(pixel.mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="pixel_loss must be one of"):
+        AutoencoderLoss(disc_start=0, perceptual_weight=0, pixel_loss="huber")
+
+
 def test_missing_vgg_weights_fail_fast_offline_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
