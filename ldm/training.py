@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -108,31 +109,11 @@ def optimized_metric(trainer: pl.Trainer, name: str | None) -> float | None:
 def ensure_first_stage(cfg: DictConfig) -> str:
     """Train the stage-1 experiment `cfg.first_stage` names, unless an identical one is cached.
 
-    The stage-1 run shares this run's data, seed, size and accelerator, so a sweep over
-    `experiment=ldm_f4_text,ldm_f8_text,...` trains each factor's autoencoder once and reuses it.
+    A sweep over `experiment=ldm_f4_text,ldm_f8_text,...` thus trains each factor's autoencoder once
+    and reuses it.
     """
-    if cfg.data._target_.endswith("LatentDataModule"):
-        raise ValueError(
-            "data=latents needs model.first_stage_ckpt=<the autoencoder that wrote the cache: see its latents.json>; "
-            "a stage-1 model cannot be trained from latents."
-        )
-    first_stage = cfg.get("first_stage")
-    if not first_stage or not first_stage.get("experiment"):
-        raise ValueError(
-            "model.first_stage_ckpt is not set and the config names no `first_stage.experiment` to train. "
-            "Pass model.first_stage_ckpt=PATH (a stage-1 checkpoint, e.g. outputs/ae_kl_f8/runs/.../last.ckpt)."
-        )
-    overrides = [f"experiment={first_stage.experiment}", f"size={cfg.size.name}", f"seed={cfg.seed}"]
-    overrides += list(first_stage.get("overrides") or [])
-    stage1 = hydra.compose(config_name="train", overrides=overrides)
-    with open_dict(stage1):
-        stage1.data = cfg.data
-        stage1.paths = cfg.paths  # a copy; the output_dir is a placeholder until the hash names the directory
-        stage1.paths.output_dir = "<first-stage run dir>"
-        for key in ("accelerator", "devices", "num_nodes", "precision", "strategy", "use_distributed_sampler"):
-            if key in cfg.trainer:  # same processes; the strategy's own keys resolve in the stage-1 config
-                stage1.trainer[key] = cfg.trainer[key]
-        stage1.logger = cfg.get("logger")
+    stage1 = first_stage_config(cfg)
+    first_stage = cfg.first_stage
     run_dir = os.path.join(cfg.paths.cache_dir, "first_stage", f"{first_stage.experiment}_{config_hash(stage1)}")
     done_marker = os.path.join(run_dir, "DONE")
     last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
@@ -146,3 +127,43 @@ def ensure_first_stage(cfg: DictConfig) -> str:
     with open(done_marker, "w") as f:
         f.write(result.last_ckpt + "\n")
     return result.last_ckpt
+
+
+# Data keys that are a training stage's own hyperparameters rather than a property of the data set.
+STAGE_DATA_KEYS = ("batch_size", "val_batch_size")
+
+
+def first_stage_config(cfg: DictConfig) -> DictConfig:
+    """The stage-1 run's config: `first_stage.experiment` at this run's size and seed, then `first_stage.overrides`.
+
+    It reads this run's data set (the parent's `data` config) and uses its accelerator, processes and
+    logger, but keeps its own batch sizes (the stage-1 size preset's, e.g. 8 for `size=small`) and any
+    `data.*` key that `first_stage.overrides` sets explicitly.
+    """
+    if cfg.data._target_.endswith("LatentDataModule"):
+        raise ValueError(
+            "data=latents needs model.first_stage_ckpt=<the autoencoder that wrote the cache: see its latents.json>; "
+            "a stage-1 model cannot be trained from latents."
+        )
+    first_stage = cfg.get("first_stage")
+    if not first_stage or not first_stage.get("experiment"):
+        raise ValueError(
+            "model.first_stage_ckpt is not set and the config names no `first_stage.experiment` to train. "
+            "Pass model.first_stage_ckpt=PATH (a stage-1 checkpoint, e.g. outputs/ae_kl_f8/runs/.../last.ckpt)."
+        )
+    overrides = list(first_stage.get("overrides") or [])
+    stage1 = hydra.compose(
+        config_name="train",
+        overrides=[f"experiment={first_stage.experiment}", f"size={cfg.size.name}", f"seed={cfg.seed}", *overrides],
+    )
+    explicit = {match.group(1) for match in map(re.compile(r"^\+*data\.(\w+)").match, overrides) if match}
+    own_data = {key: stage1.data[key] for key in {*STAGE_DATA_KEYS, *explicit} if key in stage1.data}
+    with open_dict(stage1):
+        stage1.data = OmegaConf.merge(cfg.data, own_data)
+        stage1.paths = cfg.paths  # a copy; the output_dir is a placeholder until the hash names the directory
+        stage1.paths.output_dir = "<first-stage run dir>"
+        for key in ("accelerator", "devices", "num_nodes", "precision", "strategy", "use_distributed_sampler"):
+            if key in cfg.trainer:  # same processes; the strategy's own keys resolve in the stage-1 config
+                stage1.trainer[key] = cfg.trainer[key]
+        stage1.logger = cfg.get("logger")
+    return stage1

@@ -5,9 +5,10 @@ import os
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from ldm.config import config_hash, resolve_ckpt_path
+from ldm.training import first_stage_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "experiment")) if f.endswith(".yaml"))
@@ -98,3 +99,17 @@ def test_ckpt_path_last_finds_newest(tmp_path):
         resolve_ckpt_path("last", str(tmp_path), "other")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), str(tmp_path), "ae")
+
+
+def test_first_stage_reads_the_parent_data_set_with_its_own_batch_size_and_overrides():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        parent = compose(config_name="train", overrides=["experiment=quickstart", "data.num_train=500",
+                                                         "data.num_workers=1"])
+        with open_dict(parent):
+            parent.first_stage.overrides = ["data.num_workers=0", "trainer.max_steps=7"]
+        stage1 = first_stage_config(parent)
+    assert parent.data.batch_size == 32
+    assert stage1.data.batch_size == 8 and stage1.model.batch_size == 8  # size=small's stage-1 preset
+    assert stage1.data.num_workers == 0 and stage1.trainer.max_steps == 7  # explicit first_stage.overrides
+    assert stage1.data.num_train == 500 and stage1.data.root == parent.data.root  # the parent's data set
+    assert stage1.model.vae.ch_mult == [1, 2, 4]  # quickstart's f=4 first stage
