@@ -139,7 +139,7 @@ def test_ddp_two_ranks_both_stages_one_run_dir_exact_epoch_identical_weights(tmp
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         # stage 1: 4 steps = one epoch of 32 samples over 2 ranks x batch 4
-        "first_stage.overrides=['trainer.max_steps=4','trainer.val_check_interval=4',"
+        "first_stage.overrides=['trainer.max_steps=4','trainer.val_check_interval=4','data.batch_size=4',"
         f"'model.loss.perceptual_weight=0','+callbacks.probe._target_=test_distributed.RankProbe',"
         f"'+callbacks.probe.out_dir={probes}']",
         *probe_overrides(probes),

@@ -40,7 +40,8 @@ def factor_sweep(tmp_path_factory):
     run_train([
         "+hparams_search=compare_factors", "size=tiny", f"hydra.sweep.dir={tmp}/sweep", *paths(tmp, tmp / "data"),
         f"data.resolution={RES}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-        "first_stage.overrides=['trainer.max_steps=1','trainer.val_check_interval=1','model.loss.perceptual_weight=0']",
+        "first_stage.overrides=['trainer.max_steps=1','trainer.val_check_interval=1','data.batch_size=4',"
+        "'model.loss.perceptual_weight=0']",
         "callbacks.evaluation.every_n_steps=1", "callbacks.evaluation.num_samples=6", "callbacks.evaluation.steps=2",
         "callbacks.evaluation.num_real=16", "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2",
         "callbacks.sample_grid.samples_per_condition=1",

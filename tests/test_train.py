@@ -72,7 +72,7 @@ def test_latent_diffusion_chains_stage_one_once(tmp_path, data_dir):
         *toy_overrides(tmp_path, data_dir, resolution=64),  # f=8: 8x8 latents for a 4-level UNet
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
-        "first_stage.overrides=['trainer.max_steps=2','model.loss.perceptual_weight=0']",
+        "first_stage.overrides=['trainer.max_steps=2','data.batch_size=4','model.loss.perceptual_weight=0']",
         "callbacks.sample_grid.every_n_steps=3",
         "callbacks.sample_grid.steps=2",
         "callbacks.sample_grid.samples_per_condition=1",
