@@ -109,8 +109,8 @@ def optimized_metric(trainer: pl.Trainer, name: str | None) -> float | None:
 def ensure_first_stage(cfg: DictConfig) -> str:
     """Train the stage-1 experiment `cfg.first_stage` names, unless an identical one is cached.
 
-    A sweep over `experiment=ldm_f4_text,ldm_f8_text,...` thus trains each factor's autoencoder once
-    and reuses it.
+    The cache directory is named by the hash of the stage-1 config (`first_stage_config`), so a sweep over
+    `experiment=ldm_f4_text,ldm_f8_text,...` trains each factor's autoencoder once and reuses it.
     """
     stage1 = first_stage_config(cfg)
     first_stage = cfg.first_stage
