@@ -11,8 +11,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
-FIXTURES_DIR = os.path.join(SHARED_DIR, "fixtures")
+
+FIXTURES_DIR = os.path.join(REPO_ROOT, "tests", "fixtures")
 
 
 @pytest.fixture(scope="session")

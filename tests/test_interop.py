@@ -1,5 +1,5 @@
 """CompVis / Stable Diffusion checkpoints load through the public import path and reproduce the
-reference outputs (fixtures: /work/shared/fixtures/README.md).
+reference outputs (fixtures: tests/fixtures/README.md).
 
 Models are built as a user would: the sd1 / sd2 presets with the README's size overrides (width 32,
 channel_mult [1, 2, 1, 1], context width 64, and the head layout that reproduces the fixture: the

@@ -1,6 +1,6 @@
 """Our UNet loads CompVis / Stability checkpoints and reproduces the reference outputs.
 
-Fixtures (see /work/shared/fixtures/README.md): tiny SD 1.x and SD 2.x UNets with random weights,
+Fixtures (see tests/fixtures/README.md): tiny SD 1.x and SD 2.x UNets with random weights,
 outputs produced by the original reference code. The model is built from the SD architecture settings
 with the README's size overrides, never from the fixture's config.json.
 """

@@ -1,6 +1,6 @@
 """Our KLAutoencoder loads CompVis / Stability first-stage checkpoints and reproduces their outputs.
 
-Fixtures (see /work/shared/fixtures/README.md): tiny SD 1.x / 2.x f8 autoencoders and an LDM kl-f16
+Fixtures (see tests/fixtures/README.md): tiny SD 1.x / 2.x f8 autoencoders and an LDM kl-f16
 one with attention, random weights, outputs produced by the original reference code. Each model is
 built as a user would, from the released architecture with the README's size overrides, never from
 the fixture's config.json.
