@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from ldm.data.shapes import render_sample
-from ldm.losses import AutoencoderLoss
+from ldm.models.autoencoder_loss import AutoencoderLoss
 from ldm.nets.vae import KLAutoencoder
-from ldm.visualize import interleave, save_image_grid
+from ldm.utils.images import interleave, save_image_grid
 
 RESULTS = Path(__file__).parent / "results" / "ae_recipe.json"
 DEFAULT_RECIPES = ["l1:32:1.44e-4", "l1:8:4.5e-4", "l2:32:4.5e-4", "l2:8:4.5e-4"]  # first: CompVis lr 4.5e-6 x 32

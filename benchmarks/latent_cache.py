@@ -31,10 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from ldm.data.latent_cache import LatentDataModule  # noqa: E402
 from ldm.data.shapes import write_shapes  # noqa: E402
 from ldm.data.webdataset import WebDataModule  # noqa: E402
-from ldm.diffusion import LatentDiffusion  # noqa: E402
-from ldm.latents import LatentDataModule, encode_latents  # noqa: E402
+from ldm.inference.latent_cache import encode_latents  # noqa: E402
+from ldm.loading.checkpoints import build_latent_diffusion  # noqa: E402
 from ldm.nets.vae import KLAutoencoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,10 +50,10 @@ AUTOENCODERS = {
 # configs/experiment/ldm_f8_text.yaml + size_model/small_latent_diffusion.yaml + size/small.yaml
 UNET = dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 2, 4, 4], num_res_blocks=1,
             attention_resolutions=[4, 2, 1], num_heads=4, transformer_depth=1, context_dim=128, norm_groups=32)
-TEXT = {"_target_": "ldm.conditioning.TextTransformer", "width": 128, "layers": 2, "heads": 4}
+TEXT = {"_target_": "ldm.models.conditioners.TextTransformer", "width": 128, "layers": 2, "heads": 4}
 
 
-def train_steps(model: LatentDiffusion, loader: torch.utils.data.DataLoader, steps: int) -> Callable[[], int]:
+def train_steps(model: "LatentDiffusion", loader: torch.utils.data.DataLoader, steps: int) -> Callable[[], int]:
     """A callable running `steps` full training steps (data included); returns the samples trained on."""
     optimizer = torch.optim.AdamW(model.trainable.parameters(), lr=1e-4)
 
@@ -97,8 +98,8 @@ def compare(autoencoder: dict, tmp: str, batch_size: int, steps: int, rounds: in
     encode_seconds = time.perf_counter() - start
     latents = LatentDataModule(os.path.join(tmp, "cache"), resolution=RESOLUTION, batch_size=batch_size,
                                num_workers=0, shuffle_buffer=0)
-    model = LatentDiffusion(unet=UNET, conditioner=TEXT, first_stage_ckpt=ae_ckpt, image_size=RESOLUTION,
-                            scale_factor=1.0, ema_decay=0.0)
+    model = build_latent_diffusion(dict(unet=UNET, conditioner=TEXT, first_stage_ckpt=ae_ckpt, image_size=RESOLUTION,
+                                        scale_factor=1.0, ema_decay=0.0))
     latents.check_first_stage(model.first_stage, ae_ckpt)
     rates = measure({"images": train_steps(model, images.train_dataloader(), steps),
                      "cached latents": train_steps(model, latents.train_dataloader(), steps)}, rounds)

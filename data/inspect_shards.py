@@ -15,7 +15,12 @@ from collections import Counter
 from PIL import Image
 
 from ldm.data.shards import expand_urls, iter_raw_samples
-from ldm.data.transforms import IMAGE_EXTENSIONS, CorruptSample, ImageTransform, decode_sample
+from ldm.data.transforms import (
+    IMAGE_EXTENSIONS,
+    CorruptSample,
+    ImageTransform,
+    decode_sample,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 __all__ = ["AutoencoderKL", "LatentDiffusion"]
 
-_EXPORTS = {"AutoencoderKL": "ldm.autoencoder", "LatentDiffusion": "ldm.diffusion"}
+_EXPORTS = {"AutoencoderKL": "ldm.models", "LatentDiffusion": "ldm.models"}
 
 
 def __getattr__(name: str) -> Any:

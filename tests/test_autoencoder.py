@@ -12,12 +12,12 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.autoencoder import AutoencoderKL, psnr
-from ldm.distributions import DiagonalGaussian
-from ldm.losses import AutoencoderLoss, hinge_d_loss, vanilla_d_loss
+from ldm.models.autoencoder import AutoencoderKL, psnr
+from ldm.models.autoencoder_loss import AutoencoderLoss, hinge_d_loss, vanilla_d_loss
 from ldm.nets.discriminator import NLayerDiscriminator
+from ldm.nets.posterior import DiagonalGaussian
 from ldm.nets.vae import KLAutoencoder
-from ldm.visualize import log_image_grid, save_image_grid
+from ldm.utils.images import log_image_grid, save_image_grid
 
 TINY = dict(embed_dim=4, z_channels=4, ch=32, num_res_blocks=1)
 

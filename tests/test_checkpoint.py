@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-import ldm.checkpoint as checkpoint_module
-from ldm.checkpoint import (
-    AtomicCheckpointIO,
+import ldm.training.checkpoint_io as checkpoint_module
+from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.utils.files import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     load_checkpoint,
@@ -92,7 +92,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 _SIGKILL_CHILD = """
 import os, signal, sys, torch
-from ldm.checkpoint import save_atomic
+from ldm.utils.files import save_atomic
 
 def killed_midway(obj, file, *args, **kwargs):
     file.write(b"PK\\x03\\x04 partial bytes")

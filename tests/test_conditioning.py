@@ -10,8 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import ldm.conditioning as conditioning
-from ldm.conditioning import ClassEmbedder, FrozenOpenCLIP, NullConditioner, TextTransformer, drop_mask
+import ldm.models.conditioners as conditioning
+from ldm.models.conditioners import (
+    ClassEmbedder,
+    FrozenOpenCLIP,
+    NullConditioner,
+    TextTransformer,
+    drop_mask,
+)
 
 TINY_CLIP = "ldm-test-tiny-clip"
 PROMPTS = ["a red circle at the top", "a blue square", "a green triangle on the left"]

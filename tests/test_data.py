@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 import ldm.data.webdataset as webdataset_module
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, class_index, render_sample, write_shapes
+from ldm.data.shapes import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    class_index,
+    render_sample,
+    write_shapes,
+)
 from ldm.data.shards import expand_urls, update_sizes, write_shard
 from ldm.data.webdataset import ShapesDataModule, WebDataModule
 

@@ -23,12 +23,17 @@ from hydra import compose, initialize_config_dir
 
 from ldm.data.shapes import shapes_urls
 from ldm.data.shards import expand_urls
-from ldm.distributed import (
-    LAUNCHER_ENV_VARS, cluster_plugins, fsdp_unit_names, fsdp_wrap_policy, fully_shard_units, hydra_ddp_job,
-)
 from ldm.nets.attention import Attention, BasicTransformerBlock, SpatialTransformer
 from ldm.nets.unet import Downsample, ResBlock, UNetModel
 from ldm.nets.vae import KLAutoencoder, ResnetBlock
+from ldm.training.distributed import (
+    LAUNCHER_ENV_VARS,
+    cluster_plugins,
+    fsdp_unit_names,
+    fsdp_wrap_policy,
+    fully_shard_units,
+    hydra_ddp_job,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -344,7 +349,7 @@ def test_cluster_plugins_requeue_under_slurm_until_the_limit(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
     monkeypatch.setenv("SLURM_JOB_NAME", "ldm")
-    monkeypatch.setattr("ldm.distributed.max_requeues", lambda: 2)
+    monkeypatch.setattr("ldm.training.distributed.max_requeues", lambda: 2)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     (plugin,) = cluster_plugins()
     assert isinstance(plugin, SLURMEnvironment) and plugin.auto_requeue and plugin.requeue_signal == signal.SIGUSR1

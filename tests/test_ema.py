@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.ema import EMA
+from ldm.models.ema import EMA
 
 
 def _set(module: nn.Linear, value: float) -> None:

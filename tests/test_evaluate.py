@@ -15,24 +15,29 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
-from ldm.callbacks import EvaluationCallback
 from ldm.data.shapes import render_sample
-from ldm.diffusion import LatentDiffusion
-from ldm.evaluation import build_features, class_log_probabilities, evaluation_conditions, markdown_table
-from ldm.image_sources import ImageFolder, data_identity
+from ldm.evaluation.evaluate import (
+    build_features,
+    class_log_probabilities,
+    evaluation_conditions,
+    markdown_table,
+)
+from ldm.evaluation.image_sources import ImageFolder, data_identity
 from ldm.metrics import WeightsUnavailableError
 from ldm.metrics.shapes_classifier import (
     load_shapes_classifier_extractor,
     save_shapes_classifier,
     train_shapes_classifier,
 )
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.training.callbacks import EvaluationCallback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 32
 TINY_MODEL = dict(
     unet=dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
               attention_resolutions=[2], num_head_channels=8, context_dim=32, norm_groups=8),
-    conditioner={"_target_": "ldm.conditioning.TextTransformer", "width": 32, "layers": 1, "heads": 2},
+    conditioner={"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2},
     first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
                      norm_groups=8),
     image_size=RESOLUTION, scale_factor=0.5, ema_decay=0.9, learning_rate=1e-3, warmup_steps=0,

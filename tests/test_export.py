@@ -11,11 +11,22 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from ldm.diffusion import LatentDiffusion
-from ldm.export import export
-from ldm.interop import load_any_first_stage, load_exported, load_sd_checkpoint, load_weights_into, save_exported
-from ldm.interop.diffusers_export import WEIGHTS_NAME, diffusers_vae_config, export_diffusers, vae_to_diffusers
-from ldm.samplers import spaced_timesteps
+from ldm.cli.export import export
+from ldm.diffusion.samplers import spaced_timesteps
+from ldm.loading import (
+    load_any_first_stage,
+    load_exported,
+    load_sd_checkpoint,
+    load_weights_into,
+    save_exported,
+)
+from ldm.loading.diffusers_export import (
+    WEIGHTS_NAME,
+    diffusers_vae_config,
+    export_diffusers,
+    vae_to_diffusers,
+)
+from ldm.models.latent_diffusion import LatentDiffusion
 
 # Attention on level 1 only (DownBlock2D and CrossAttnDownBlock2D mixed), fixed head width with
 # Linear projections, 8 GroupNorm groups, and an autoencoder with an attention level.
@@ -23,7 +34,7 @@ TINY_MODEL = dict(
     unet=dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
               attention_resolutions=[2], num_head_channels=16, use_linear_in_transformer=True, context_dim=32,
               norm_groups=8),
-    conditioner={"_target_": "ldm.conditioning.TextTransformer", "width": 32, "layers": 1, "heads": 2},
+    conditioner={"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2},
     first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
                      norm_groups=8),
     image_size=16, scale_factor=0.5, prediction_type="v", ema_decay=0.9,
@@ -161,7 +172,7 @@ def test_export_command_line_writes_a_diffusers_folder(tiny_model, tmp_path):
     out = tmp_path / "diffusers"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "ldm.export", f"ckpt={ckpt}", "format=diffusers", f"out={out}"],
+        [sys.executable, "-m", "ldm.cli.export", f"ckpt={ckpt}", "format=diffusers", f"out={out}"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

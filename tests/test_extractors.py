@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from ldm.data.shapes import render_sample
-from ldm.metrics import FeatureExtractor, WeightsUnavailableError, build_extractor, images_to_uint8, resize_uint8
+from ldm.metrics import (
+    FeatureExtractor,
+    WeightsUnavailableError,
+    build_extractor,
+    images_to_uint8,
+    resize_uint8,
+)
 from ldm.metrics.extractors import InceptionV3Features
 from ldm.metrics.shapes_classifier import (
     caption_match_rates,

@@ -14,11 +14,19 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from test_distributed import (
+    CPU_RUN,
+    REPO,
+    TINY_DATA,
+    TINY_LDM,
+    run_with_hard_timeout,
+    subprocess_env,
+    train_command,
+)
 
-from ldm.checkpoint import load_checkpoint
-from ldm.preemption import PREEMPTED_EXIT_CODE, get_rng_states, set_rng_states
-from ldm.training import train
-from test_distributed import CPU_RUN, REPO, TINY_DATA, TINY_LDM, run_with_hard_timeout, subprocess_env, train_command
+from ldm.training.pipeline import train
+from ldm.training.preemption import PREEMPTED_EXIT_CODE, get_rng_states, set_rng_states
+from ldm.utils.files import load_checkpoint
 
 CHANGES: dict[str, dict[int, bool]] = {}  # InjectNaN records, by name: step -> did the weights change
 

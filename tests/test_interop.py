@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.interop import (
+from ldm.loading import (
     CheckpointMismatchError,
-    MissingConditioner,
     load_any_first_stage,
     load_compvis_first_stage,
     load_sd_checkpoint,
     load_weights_into,
 )
-from ldm.interop.compvis import sd_model_config
+from ldm.loading.stable_diffusion import sd_model_config
+from ldm.models.conditioners import MissingConditioner
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import KLAutoencoder
 
@@ -142,10 +142,10 @@ def test_ema_weights_and_ignored_buffers(fixtures_dir, tmp_path):
 
 
 def test_init_from_loads_into_a_training_model_and_restarts_ema(fixtures_dir):
-    from ldm.diffusion import LatentDiffusion
+    from ldm.models.latent_diffusion import LatentDiffusion
 
     config = sd_model_config("sd1", SIZE_OVERRIDES["sd1"])
-    config["conditioner"] = {"_target_": "ldm.interop.MissingConditioner", "output_dim": 64, "needed": "a text encoder"}
+    config["conditioner"] = {"_target_": "ldm.models.conditioners.MissingConditioner", "output_dim": 64, "needed": "a text encoder"}
     model = LatentDiffusion(**config, ema_decay=0.999)
     load_weights_into(model, fixture_file(fixtures_dir, "sd1_tiny"))
     io = load_file(fixture_file(fixtures_dir, "sd1_tiny", "io.safetensors"))

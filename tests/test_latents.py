@@ -10,12 +10,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import ldm.data.webdataset as webdataset_module
-from ldm.data.transforms import ImageTransform, decode_sample, to_unit_range
+from ldm.data.latent_cache import LatentDataModule, weights_sha256
 from ldm.data.shards import expand_urls, iter_raw_samples
+from ldm.data.transforms import ImageTransform, decode_sample, to_unit_range
 from ldm.data.webdataset import ShapesDataModule
-from ldm.latents import META_FILE, LatentDataModule, encode_latents, weights_sha256
+from ldm.inference.latent_cache import META_FILE, encode_latents
 from ldm.nets.vae import KLAutoencoder
-from ldm.training import train
+from ldm.training.pipeline import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32
@@ -136,7 +137,7 @@ def test_stage_two_trains_from_latents_and_refuses_another_first_stage(cache, tm
 
 
 def test_command_line_writes_a_cache(cache, tmp_path):
-    args = [sys.executable, "-m", "ldm.latents", f"first_stage_ckpt={cache['ae']}", f"out={tmp_path}/cli",
+    args = [sys.executable, "-m", "ldm.cli.encode_latents", f"first_stage_ckpt={cache['ae']}", f"out={tmp_path}/cli",
             f"data.root={cache['tmp']}/shapes", f"data.resolution={RES}", f"data.num_train={NUM_TRAIN}",
             f"data.num_val={NUM_VAL}", f"data.samples_per_shard={PER_SHARD}", "splits=[val]", "device=cpu"]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -9,7 +9,13 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_full
 
-from ldm.metrics import density_coverage, feature_statistics, frechet_distance, inception_score, precision_recall
+from ldm.metrics import (
+    density_coverage,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from ldm.metrics.stats_cache import reference_identity, reference_statistics
 
 

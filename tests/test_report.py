@@ -9,16 +9,22 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.diffusion import LatentDiffusion
-from ldm.report import compare_factors, last_logged, main, summarize_run, summarize_sweep
-from ldm.throughput import METRIC, TrainThroughput
+from ldm.cli.report import main
+from ldm.evaluation.reports import (
+    compare_factors,
+    last_logged,
+    summarize_run,
+    summarize_sweep,
+)
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.training.throughput import METRIC, TrainThroughput
 
 RES = 32
 VAE = dict(embed_dim=3, z_channels=4, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[],
            norm_groups=8)
 UNET = dict(in_channels=3, out_channels=3, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[2], num_heads=2, transformer_depth=1, context_dim=32, norm_groups=8)
-TEXT = {"_target_": "ldm.conditioning.TextTransformer", "width": 32, "layers": 1, "heads": 2}
+TEXT = {"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2}
 
 
 def write_csv(path, header: list[str], rows: list[list]) -> None:
@@ -133,7 +139,7 @@ def test_last_logged_skips_blank_cells(tmp_path):
 
 def test_throughput_is_samples_over_the_median_step(monkeypatch):
     clock = iter([0.0, 1.0, 2.0, 12.0, 13.0])  # one slow step (an evaluation) among 1 s steps
-    monkeypatch.setattr("ldm.throughput.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("ldm.training.throughput.time.perf_counter", lambda: next(clock))
     trainer = type("T", (), {"world_size": 2})()
     callback = TrainThroughput(window=10)
     for index in range(5):

@@ -10,15 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.diffusion import LatentDiffusion
-from ldm.generation import SamplerSettings, conditions_for, generate_to_dir, load_latent_diffusion
+from ldm.inference.sampling import (
+    SamplerSettings,
+    conditions_for,
+    generate_to_dir,
+    load_latent_diffusion,
+)
+from ldm.models.latent_diffusion import LatentDiffusion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STAGE = dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8)
 UNET = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[2], num_head_channels=8, norm_groups=8)
-TEXT = {"_target_": "ldm.conditioning.TextTransformer", "width": 32, "layers": 1, "heads": 2}
-CLASSES = {"_target_": "ldm.conditioning.ClassEmbedder", "num_classes": 5, "embed_dim": 32}
+TEXT = {"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2}
+CLASSES = {"_target_": "ldm.models.conditioners.ClassEmbedder", "num_classes": 5, "embed_dim": 32}
 
 
 def save_model(path, conditioner: dict, **unet_extra) -> str:

@@ -10,8 +10,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from ldm.samplers import SAMPLERS, guided_denoiser, make_generators, randn_per_sample, sample, spaced_timesteps
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.samplers import (
+    SAMPLERS,
+    guided_denoiser,
+    make_generators,
+    randn_per_sample,
+    sample,
+    spaced_timesteps,
+)
+from ldm.diffusion.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012)
 DIFFUSERS_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ldm.schedule import NoiseSchedule, diffusion_loss
+from ldm.diffusion.schedule import NoiseSchedule, diffusion_loss
 
 SCHEDULES = [  # ours, diffusers' name, (beta_start, beta_end)
     ("linear", "linear", (1e-4, 0.02)),

@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
-from ldm.metrics.shapes_classifier import save_shapes_classifier, train_shapes_classifier
-from ldm.report import compare_factors, summarize_sweep
+from ldm.evaluation.reports import compare_factors, summarize_sweep
+from ldm.metrics.shapes_classifier import (
+    save_shapes_classifier,
+    train_shapes_classifier,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 64  # f=16 needs 4x4 latents for its 3-level UNet

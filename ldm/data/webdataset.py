@@ -25,9 +25,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.shapes import shapes_urls, write_shapes
-from ldm.data.shards import expand_urls, is_local, iter_raw_samples, shard_sample_counts
 from ldm.data.sharding import ShardPlan, WorkerSlice, plan_shards, resume_point
-from ldm.data.transforms import CorruptSample, ImageTransform, collate, decode_sample, to_unit_range
+from ldm.data.shards import expand_urls, is_local, iter_raw_samples, shard_sample_counts
+from ldm.data.transforms import (
+    CorruptSample,
+    ImageTransform,
+    collate,
+    decode_sample,
+    to_unit_range,
+)
 
 MAX_WARNINGS_PER_WORKER = 5
 MAX_CORRUPT_IN_A_ROW = 10_000
@@ -44,7 +50,7 @@ class ShardStream(IterableDataset):
     """Batches of one rank for one epoch, as planned; ``start_epoch`` sets the epoch and resume point.
 
     ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``): images
-    for ``WebDataModule``, cached latents for ``ldm.latents.LatentDataModule``."""
+    for ``WebDataModule``, cached latents for ``ldm.inference.latent_cache.LatentDataModule``."""
 
     def __init__(self, urls: list[str], plan: ShardPlan, rank: int, decode: Callable[..., dict], batch_size: int,
                  shuffle_buffer: int, seed: int) -> None:

@@ -13,7 +13,11 @@ from ldm.metrics.extractors import (
 from ldm.metrics.frechet import feature_statistics, frechet_distance
 from ldm.metrics.inception_score import inception_score
 from ldm.metrics.precision_recall import density_coverage, precision_recall
-from ldm.metrics.stats_cache import ReferenceStatistics, reference_identity, reference_statistics
+from ldm.metrics.stats_cache import (
+    ReferenceStatistics,
+    reference_identity,
+    reference_statistics,
+)
 
 __all__ = [
     "FeatureExtractor",

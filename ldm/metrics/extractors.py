@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from ldm.visualize import images_to_uint8  # noqa: F401  (re-exported: part of the metrics API)
+
+from ldm.utils.images import images_to_uint8  # noqa: F401  (re-exported: part of the metrics API)
 
 RESIZE_DESCRIPTION = "uint8 quantisation, then PIL bicubic (antialiased) resize to the input size (clean-fid)"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -134,7 +135,10 @@ class InceptionV3Features(ResizingExtractor):
 
     def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            URL_INCEPTION_V3,
+            FeatureExtractorInceptionV3,
+        )
 
         self.weights_path = _local_or_cached_weights(weights_path, self.WEIGHTS_FILE, URL_INCEPTION_V3)
         # torch-fidelity loads with weights_only=False: refuse anything that is not a plain state dict first.

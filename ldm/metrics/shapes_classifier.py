@@ -30,7 +30,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, render_sample
-from ldm.metrics.extractors import ResizingExtractor, check_uint8_images, file_digest, resize_uint8
+from ldm.metrics.extractors import (
+    ResizingExtractor,
+    check_uint8_images,
+    file_digest,
+    resize_uint8,
+)
 
 HEADS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS}
 DEFAULT_STEPS = 400

@@ -10,7 +10,6 @@ Attribute names give the CompVis / Stability state-dict keys (docs/architecture.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

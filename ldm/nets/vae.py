@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.distributions import DiagonalGaussian
 from ldm.nets.attention import AttnBlock
+from ldm.nets.posterior import DiagonalGaussian
 from ldm.nets.unet import Upsample  # nearest x2 + 3x3 conv: the same layer in both nets
 
 GROUP_NORM_EPS = 1e-6  # CompVis autoencoder GroupNorm eps (the UNet uses 1e-5)
