@@ -146,7 +146,7 @@ def test_init_from_loads_into_a_training_model_and_restarts_ema(fixtures_dir):
 
     config = sd_model_config("sd1", SIZE_OVERRIDES["sd1"])
     config["conditioner"] = {"_target_": "ldm.models.conditioners.MissingConditioner", "output_dim": 64, "needed": "a text encoder"}
-    model = LatentDiffusion(**config, ema_decay=0.999)
+    model = LatentDiffusion(**{**config, "ema_decay": 0.999})
     load_weights_into(model, fixture_file(fixtures_dir, "sd1_tiny"))
     io = load_file(fixture_file(fixtures_dir, "sd1_tiny", "io.safetensors"))
     assert_unet_matches(model.unet, io)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from omegaconf import OmegaConf
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ldm.loading.compvis import OPENCLIP_PREFIX, UNET_PREFIX, state_dict_of
@@ -41,22 +43,28 @@ def load_sd_checkpoint(
         )
     config = sd_model_config(preset, size_overrides)
     config["conditioner"] = _conditioner_for(config["conditioner"], state_dict, preset)
-    model = LatentDiffusion(**config, ema_decay=0.0)
+    model = LatentDiffusion(**{**config, "ema_decay": 0.0})
     load_state_into(model, state_dict, path, use_ema=use_ema, hint=preset_hint(state_dict, preset))
     return model.eval()
 
 
 def sd_model_config(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """LatentDiffusion constructor arguments of a preset (configs/model/<preset>.yaml) with
-    `overrides` merged in. The preset's Hydra defaults (training knobs) are not needed here."""
+    """LatentDiffusion constructor arguments of a preset with `overrides` merged in: exactly what
+    `train.py model=<preset>` composes (configs/model/<preset>.yaml over latent_diffusion.yaml)."""
     if preset not in SD_PRESETS:
         raise ValueError(f"Unknown preset {preset!r}: use one of {SD_PRESETS} (Stable Diffusion 1.x or 2.x).")
-    preset_cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{preset}.yaml")
-    preset_cfg.pop("defaults", None)
-    merged = OmegaConf.merge(preset_cfg, overrides or {})
-    # wrapped as in train.yaml, so that the preset's `${model.*}` interpolations resolve
-    resolved = OmegaConf.to_container(OmegaConf.create({"model": merged}), resolve=True)["model"]
+    cfg = compose_train_config(["~experiment", f"model={preset}"])
+    cfg.model = OmegaConf.merge(cfg.model, overrides or {})
+    resolved = OmegaConf.to_container(cfg.model, resolve=True)  # interpolations resolve against the whole config
     return {key: value for key, value in resolved.items() if not key.startswith("_")}
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """train.yaml composed with `overrides`, inside a running Hydra app (the export tool) or outside one."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra.compose(config_name="train", overrides=overrides)
+    with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra.compose(config_name="train", overrides=overrides)
 
 
 def preset_hint(state_dict: Mapping[str, Tensor], preset: str) -> str:
