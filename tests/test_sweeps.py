@@ -34,14 +34,14 @@ def run_train(args: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def factor_sweep(tmp_path_factory):
-    """`python train.py -m +hparams_search=compare_factors` at toy sizes: stage 1 for 1 step, stage 2 for 2,
+    """`python train.py -m hparams_search=compare_factors` at toy sizes: stage 1 for 1 step, stage 2 for 2,
     evaluated at steps 1 and 2 (with a quickly trained shapes classifier standing in for the cached one)."""
     tmp = tmp_path_factory.mktemp("compare")
     classifier = tmp / "cache" / "metrics" / f"shapes_classifier_{RES}px.safetensors"
     classifier.parent.mkdir(parents=True)
     save_shapes_classifier(train_shapes_classifier(RES, steps=5, batch_size=8), str(classifier), RES)
     run_train([
-        "+hparams_search=compare_factors", "size=tiny", f"hydra.sweep.dir={tmp}/sweep", *paths(tmp, tmp / "data"),
+        "hparams_search=compare_factors", "size=tiny", f"hydra.sweep.dir={tmp}/sweep", *paths(tmp, tmp / "data"),
         f"data.resolution={RES}", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "first_stage.overrides=['trainer.max_steps=1','trainer.val_check_interval=1','data.batch_size=4',"
         "'model.loss.perceptual_weight=0']",
@@ -82,7 +82,7 @@ def test_report_from_the_real_sweep(factor_sweep):
 def test_optuna_search_runs_its_trials_and_is_summarised(factor_sweep, tmp_path):
     first_stage = next((factor_sweep / "cache" / "first_stage").glob("ae_kl_f4_*")) / "checkpoints" / "last.ckpt"
     run_train([
-        "+hparams_search=ldm_optuna", "experiment=ldm_f4_text", "size=tiny", "hydra.sweeper.n_trials=2",
+        "hparams_search=ldm_optuna", "experiment=ldm_f4_text", "size=tiny", "hydra.sweeper.n_trials=2",
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", f"hydra.sweep.dir={tmp_path}/sweep",
         *paths(tmp_path, factor_sweep / "data"), f"model.first_stage_ckpt={first_stage}", "data.resolution=32",
         "model.unet.channel_mult=[1,2]", "model.unet.attention_resolutions=[2]", "callbacks=default",
