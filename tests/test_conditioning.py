@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import ldm.models.conditioners as conditioning
+import ldm.utils.downloads as downloads
 from ldm.models.conditioners import (
     ClassEmbedder,
     FrozenOpenCLIP,
@@ -153,12 +154,12 @@ def test_frozen_openclip_unresolvable_hub_fails_at_once(monkeypatch, no_network_
     """Without HF_HUB_OFFLINE a host that does not resolve also fails before any retrying download."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(conditioning.urllib.request, "getproxies", dict)
+    monkeypatch.setattr(downloads.urllib.request, "getproxies", dict)
 
     def no_dns(*_, **__):
         raise socket.gaierror(-2, "Name or service not known")
 
-    monkeypatch.setattr(conditioning.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(downloads.socket, "getaddrinfo", no_dns)
     with pytest.raises(FileNotFoundError, match="checkpoint_path="):
         FrozenOpenCLIP("ViT-H-14", "laion2b_s32b_b79k")
 

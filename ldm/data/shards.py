@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 import webdataset as wds
 from webdataset.shardlists import expand_urls as _wds_expand_urls
 
+from ldm.utils.files import write_atomic
+
 SIZES_FILE = "sizes.json"
 
 
@@ -40,17 +42,20 @@ def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> i
     shard.
     """
     count = 0
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with tarfile.open(tmp_path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for key, fields in samples:
-            if "." in key or "/" in key:
-                raise ValueError(f"sample key {key!r} must not contain '.' or '/' (they separate key and field)")
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
-            count += 1
-    os.replace(tmp_path, path)
+
+    def write(file) -> None:
+        nonlocal count
+        with tarfile.open(fileobj=file, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for key, fields in samples:
+                if "." in key or "/" in key:
+                    raise ValueError(f"sample key {key!r} must not contain '.' or '/' (they separate key and field)")
+                for ext, data in fields.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+
+    write_atomic(path, write)
     return count
 
 
@@ -59,8 +64,8 @@ def update_sizes(directory: str, counts: dict[str, int]) -> None:
     sizes_path = os.path.join(directory, SIZES_FILE)
     sizes = _read_json(sizes_path) or {}
     sizes.update(counts)
-    with open(sizes_path, "w") as f:
-        json.dump(dict(sorted(sizes.items())), f, indent=1)
+    text = json.dumps(dict(sorted(sizes.items())), indent=1)
+    write_atomic(sizes_path, lambda file: file.write(text.encode()))
 
 
 def shard_sample_counts(urls: list[str]) -> list[int]:

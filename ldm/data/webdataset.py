@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.shapes import shapes_urls, write_shapes
@@ -34,16 +33,10 @@ from ldm.data.transforms import (
     decode_sample,
     to_unit_range,
 )
+from ldm.utils.ranks import distributed_rank_and_world_size
 
 MAX_WARNINGS_PER_WORKER = 5
 MAX_CORRUPT_IN_A_ROW = 10_000
-
-
-def distributed_rank_and_world_size() -> tuple[int, int]:
-    """(global rank, world size) of the initialised process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class ShardStream(IterableDataset):

@@ -6,7 +6,7 @@ were compared. Images reach every extractor the way clean-fid recommends (Parmar
 generated images are first quantised to uint8 (as if saved to PNG, `images_to_uint8`), then resized
 to the extractor's input size with PIL's antialiased bicubic filter (`resize_uint8`).
 
-Pretrained weights are never fetched at import. Offline (`LDM_OFFLINE=1` or `HF_HUB_OFFLINE=1`),
+Pretrained weights are never fetched at import. Offline (`LDM_OFFLINE=1` or `HF_HUB_OFFLINE=1`, ldm/utils/downloads.py),
 a missing weight file raises `WeightsUnavailableError` at once, naming the file to place or the
 option to pass; online, a failed download raises the same error.
 """
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ldm.utils.downloads import downloads_allowed
 from ldm.utils.images import images_to_uint8  # noqa: F401  (re-exported: part of the metrics API)
 
 RESIZE_DESCRIPTION = "uint8 quantisation, then PIL bicubic (antialiased) resize to the input size (clean-fid)"
@@ -71,12 +72,6 @@ def check_uint8_images(images: torch.Tensor) -> None:
             f"feature extractors take uint8 images of shape (B, 3, H, W), got {found}; "
             "convert images in [-1, 1] with ldm.metrics.images_to_uint8."
         )
-
-
-def downloads_allowed() -> bool:
-    """False when the environment declares itself offline (LDM_OFFLINE or HF_HUB_OFFLINE set to 1/true)."""
-    offline = {os.environ.get(var, "").strip().lower() for var in ("LDM_OFFLINE", "HF_HUB_OFFLINE")}
-    return not offline & {"1", "true", "yes", "on"}
 
 
 def file_digest(path: str, length: int = 16) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, render_sample
@@ -36,6 +36,7 @@ from ldm.metrics.extractors import (
     file_digest,
     resize_uint8,
 )
+from ldm.utils.files import write_atomic
 
 HEADS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS}
 DEFAULT_STEPS = 400
@@ -114,10 +115,8 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 def save_shapes_classifier(model: ShapesClassifier, path: str, resolution: int, **record: Any) -> None:
     """Atomic safetensors save; architecture, resolution and `record` (steps, seed, accuracy) as metadata."""
     metadata = {"resolution": resolution, "width": model.width, "feature_dim": model.feature_dim, **record}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    save_file(model.state_dict(), temporary, metadata={key: json.dumps(value) for key, value in metadata.items()})
-    os.replace(temporary, path)
+    blob = safetensors_bytes(model.state_dict(), metadata={key: json.dumps(value) for key, value in metadata.items()})
+    write_atomic(path, lambda file: file.write(blob))
 
 
 def load_shapes_classifier(path: str) -> tuple[ShapesClassifier, dict[str, Any]]:

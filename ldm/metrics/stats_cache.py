@@ -24,6 +24,7 @@ import torch
 
 from ldm.metrics.extractors import FeatureExtractor
 from ldm.metrics.frechet import feature_statistics
+from ldm.utils.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,9 @@ def reference_statistics(
     if max_stored_features is not None and len(features) > max_stored_features:
         rows = np.sort(np.random.default_rng(0).choice(len(features), max_stored_features, replace=False))
         kept = features[rows]
-    os.makedirs(cache_dir, exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}.npz"  # np.savez appends .npz to names without it
-    np.savez(temporary, mu=mu, sigma=sigma, features=kept.astype(np.float32), num_samples=len(features),
-             identity=json.dumps(identity, sort_keys=True, default=str))
-    os.replace(temporary, path)
+    write_atomic(path, lambda file: np.savez(file, mu=mu, sigma=sigma, features=kept.astype(np.float32),
+                                             num_samples=len(features),
+                                             identity=json.dumps(identity, sort_keys=True, default=str)))
     return ReferenceStatistics(mu, sigma, kept.astype(np.float32), len(features), identity, path, cache_hit=False)
 
 

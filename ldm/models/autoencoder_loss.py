@@ -7,7 +7,6 @@ eq. 7) and switches on at `disc_start`.
 """
 from __future__ import annotations
 
-import os
 import urllib.error
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from ldm.nets.discriminator import NLayerDiscriminator
 from ldm.nets.posterior import DiagonalGaussian
+from ldm.utils.downloads import offline_reason
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 ADAPTIVE_WEIGHT_EPS = 1e-4
@@ -181,8 +181,8 @@ def ensure_vgg16_weights() -> Path:
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_URL).name
     if path.is_file():
         return path
-    if _truthy(os.environ.get("HF_HUB_OFFLINE")):
-        raise FileNotFoundError(_missing_vgg_message(path, "offline mode: HF_HUB_OFFLINE is set"))
+    if (reason := offline_reason()) is not None:
+        raise FileNotFoundError(_missing_vgg_message(path, reason))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(VGG16_URL, str(path), hash_prefix=path.stem.split("-")[-1])
@@ -198,10 +198,6 @@ def _missing_vgg_message(path: Path, reason: str) -> str:
         "$TORCH_HOME/hub/checkpoints), or train without the perceptual term by setting "
         "loss.perceptual_weight=0 (train.py command line: model.loss.perceptual_weight=0)."
     )
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _freeze_as_buffers(model: nn.Module) -> None:

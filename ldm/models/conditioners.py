@@ -9,9 +9,6 @@ in training and the unconditional branch in sampling (Ho & Salimans 2022), so th
 from __future__ import annotations
 
 import os
-import socket
-import urllib.parse
-import urllib.request
 from typing import Sequence
 
 import huggingface_hub
@@ -20,6 +17,7 @@ import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import nn
 
+from ldm.utils.downloads import download_blocker
 from ldm.utils.files import load_checkpoint
 
 Inputs = Sequence[str] | Sequence[int] | torch.Tensor | None
@@ -248,7 +246,6 @@ class MissingConditioner(nn.Module):
 
 
 # ---------------------------------------------------------------- OpenCLIP weights
-_TRUE = ("1", "ON", "YES", "TRUE")
 _TINY_VISION = {"image_size": 16, "patch_size": 16, "width": 8, "layers": 1, "head_width": 8}
 
 
@@ -306,10 +303,11 @@ def _resolve_weights(arch: str, pretrained: str | None, checkpoint_path: str | N
     cached = _find_cached(tag, names)
     if cached is not None:
         return cached
-    if _unreachable(source):
+    blocker = download_blocker(source)
+    if blocker is not None:
         raise FileNotFoundError(
             f"FrozenOpenCLIP: weights {arch}/{pretrained} are not cached and cannot be downloaded "
-            "(offline: HF_HUB_OFFLINE is set or the host does not resolve). On a machine with internet, "
+            f"({blocker}). On a machine with internet, "
             f"download {' or '.join(names)} from {source}, copy it here and pass "
             f"conditioner.checkpoint_path=/path/to/{names[0]} (model.conditioner.checkpoint_path=... in train.py)."
         )
@@ -334,17 +332,3 @@ def _find_cached(tag: dict, names: list[str]) -> str | None:
         return next((path for path in found if isinstance(path, str)), None)
     path = os.path.join(os.path.expanduser("~/.cache/clip"), names[0])
     return path if os.path.isfile(path) else None
-
-
-def _unreachable(url: str) -> bool:
-    """True when a download cannot work: hub offline mode, or (without a proxy) a host that does not
-    resolve. Checked up front because huggingface_hub retries a failing request for ~23 s per file."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
-        return True
-    if urllib.request.getproxies():
-        return False  # a proxy may reach hosts our resolver cannot
-    try:
-        socket.getaddrinfo(urllib.parse.urlparse(url).hostname, 443)
-    except OSError:
-        return True
-    return False

@@ -36,7 +36,6 @@ FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (
 )
 # Environment variables Lightning's subprocess launcher sets in the launching process.
 LAUNCHER_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-RANK_ENV_VARS = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 # Hydra overrides a DDP child may keep; launcher, sweeper, mode and directories are the parent's business.
 CHILD_HYDRA_OVERRIDE_PREFIXES = ("hydra.job.", "hydra.verbose", "hydra/job_logging", "hydra/hydra_logging")
 
@@ -119,11 +118,6 @@ def max_requeues() -> int | None:
         return None
     value = (HydraConfig.get().get("launcher") or {}).get("max_num_timeout")
     return None if value is None else int(value)
-
-
-def is_global_zero_from_env() -> bool:
-    """Whether this process is global rank 0, before a Trainer exists (read from launcher variables)."""
-    return all(os.environ.get(name, "0") == "0" for name in RANK_ENV_VARS)
 
 
 @contextmanager

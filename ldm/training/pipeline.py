@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.loading.checkpoints import build_model, init_from
 from ldm.training.checkpoint_io import AtomicCheckpointIO
-from ldm.training.distributed import cluster_plugins, is_global_zero_from_env
+from ldm.training.distributed import cluster_plugins
 from ldm.training.preemption import (
     exit_status_on_preemption,
     fault_tolerance_callbacks,
@@ -23,6 +23,7 @@ from ldm.training.preemption import (
 )
 from ldm.training.run_config import resolve_ckpt_path
 from ldm.training.stages import ensure_first_stage, needs_first_stage
+from ldm.utils.ranks import is_global_zero_from_env
 
 log = logging.getLogger(__name__)
 

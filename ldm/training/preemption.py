@@ -29,6 +29,8 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ldm.utils.ranks import distributed_rank_and_world_size
+
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process killed by SIGTERM
@@ -106,8 +108,7 @@ class RNGStateCheckpoint(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         per_rank = state_dict["per_rank"]
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        rank, world_size = distributed_rank_and_world_size()
         if len(per_rank) != world_size:
             log.warning("The checkpoint holds RNG states of %d ranks, this run has another count: the noise "
                         "stream restarts from seed %d + rank (training continues correctly, not bit-exactly).",

@@ -19,12 +19,13 @@ import os
 import pickle
 import re
 import uuid
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from safetensors.torch import load_file as load_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
+TEMPORARY_SUFFIX = ".tmp"
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -63,20 +64,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to `path` so that readers see either the old file or the complete new one.
+    """`torch.save` to `path` so that readers see either the old file or the complete new one."""
+    write_atomic(path, lambda file: torch.save(obj, file))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(file)` on a temporary file beside `path`, then rename it into place: the one atomic write
+    of the project (checkpoints, shards, metric caches, classifier weights).
 
     The temporary file lives in the target's directory (same file system, so `os.replace` is an
-    atomic rename); fsync of the file and then of the directory makes both the bytes and the
-    rename survive a power loss, not only a killed process."""
+    atomic rename) and is named `.<name>.<pid>.<random>.tmp` (TEMPORARY_SUFFIX), so a killed writer's leftover
+    is recognisable; fsync of the file and then of the directory makes both the bytes and the rename survive
+    a power loss, not only a killed process."""
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}")
     # os.open with 0o666 honours the umask, unlike tempfile.mkstemp (always 0o600)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
