@@ -18,7 +18,6 @@ from pytorch_lightning.loggers import CSVLogger
 from ldm.data.shapes import render_sample
 from ldm.evaluation.evaluate import (
     build_features,
-    class_log_probabilities,
     evaluation_conditions,
     markdown_table,
 )
@@ -195,7 +194,7 @@ def test_unknown_features_name_lists_the_choices(tmp_path):
 def test_shapes_class_log_probabilities_are_the_joint_of_the_heads(classifier_path):
     extractor = load_shapes_classifier_extractor(classifier_path, RESOLUTION, train_if_missing=False)
     images = torch.randint(0, 256, (5, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
-    joint = class_log_probabilities(extractor, extractor(images))
+    joint = extractor.class_log_probabilities(extractor(images))
     assert joint.shape == (5, 7 * 3 * 9)
     torch.testing.assert_close(joint.logsumexp(dim=1), torch.zeros(5), atol=1e-5, rtol=0)
     predicted = extractor.predict(images)

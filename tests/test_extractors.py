@@ -204,7 +204,7 @@ def test_prompt_fidelity_of_rendered_images_with_a_trained_classifier(tmp_path):
     rng = np.random.default_rng(3)
     samples = [render_sample(rng, 32) for _ in range(6)]
     images = torch.from_numpy(np.stack([np.asarray(image) for image, _ in samples])).permute(0, 3, 1, 2)
-    scores = extractor.prompt_fidelity(images, [attributes["caption"] for _, attributes in samples])
+    scores = extractor.prompt_fidelity(extractor(images), [attributes["caption"] for _, attributes in samples])
     assert set(scores) == {f"prompt_fidelity_{key}" for key in ("color", "shape", "position", "all")}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
     assert scores["prompt_fidelity_all"] <= min(scores.values())

@@ -40,14 +40,12 @@ from ldm.metrics import (
     reference_identity,
     reference_statistics,
 )
-from ldm.metrics.shapes_classifier import HEADS, caption_match_rates
+from ldm.metrics.shapes_classifier import HEADS
 from ldm.utils.devices import autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
 AUTO_FEATURES = "auto"
-METRIC_NAMES = {"inception_v3": ("FID", "IS"), "clip": ("FID_CLIP", None), "dinov2": ("FD_DINOv2", None),
-                "shapes_cnn": ("FID_shapes_cnn", "IS_shapes_cnn")}
 IS_SPLITS = 10  # Salimans et al. 2016 and torch-fidelity
 
 
@@ -129,11 +127,11 @@ def evaluate_images(
     fake = extract_features(extractor, batches, "generated features", total)
     described = extractor.describe()
     network = described.pop("name")
-    fid_name, is_name = METRIC_NAMES.get(network, (f"FD_{network}", None))
+    fid_name, is_name = extractor.metric_names()
     mu, sigma = feature_statistics(fake)
     precision, recall = precision_recall(reference.features, fake, k=k)
     density, coverage = density_coverage(reference.features, fake, k=density_k)
-    logits = class_log_probabilities(extractor, fake)
+    logits = extractor.class_log_probabilities(fake)
     is_splits = min(IS_SPLITS, len(fake))
     is_mean, is_std = inception_score(logits, splits=is_splits) if logits is not None else (None, None)
     return {
@@ -149,44 +147,19 @@ def evaluate_images(
     }
 
 
-def class_log_probabilities(extractor: FeatureExtractor, features: torch.Tensor) -> torch.Tensor | None:
-    """Class logits from an extractor's features, where its network has a classifier head on them.
-
-    Inception-v3: torch-fidelity's `logits_unbiased` (pool features times the fc weight, no bias), the
-    logits its IS uses. Shapes CNN: the joint (colour, shape, position) log-probabilities, the heads
-    taken as independent given the image, so IS_shapes_cnn peaks at 7*3*9 = 189. Others: None.
-    """
-    network = extractor.describe()["name"]
-    if network == "inception_v3":
-        return features @ extractor.network.fc.weight.detach().cpu().T
-    if network == "shapes_cnn":
-        color, shape, position = (logits.log_softmax(dim=1) for logits in _shapes_head_logits(extractor, features).values())
-        joint = color[:, :, None, None] + shape[:, None, :, None] + position[:, None, None, :]
-        return joint.flatten(1)
-    return None
-
-
 def _prompt_fidelity(extractor: FeatureExtractor, features: torch.Tensor,
                      captions: Sequence[str] | None) -> dict[str, float | None]:
-    """Shapes-classifier agreement with the captions; None where it is undefined (see the log)."""
+    """The extractor's agreement with the captions, where it can judge them; None where it is undefined."""
     undefined = {f"prompt_fidelity_{head}": None for head in (*HEADS, "all")}
-    if extractor.describe()["name"] != "shapes_cnn" or not captions or not all(captions):
+    if not captions or not all(captions):
         return undefined
     if len(captions) != len(features):
         raise ValueError(f"got {len(captions)} captions for {len(features)} generated images.")
-    predictions = {name: logits.argmax(dim=1) for name, logits in _shapes_head_logits(extractor, features).items()}
     try:
-        return caption_match_rates(predictions, captions)
+        return extractor.prompt_fidelity(features, captions) or undefined
     except ValueError as error:  # multi-object or foreign captions
         logger.warning("prompt fidelity not computed: %s", error)
         return undefined
-
-
-@torch.inference_mode()
-def _shapes_head_logits(extractor: FeatureExtractor, features: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits of the shapes classifier's heads (linear layers on its penultimate features), on the CPU."""
-    device = next(extractor.parameters()).device
-    return {name: head(features.to(device)).cpu() for name, head in extractor.model.heads.items()}
 
 
 # ------------------------------------------------------------------------------------ checkpoints and folders

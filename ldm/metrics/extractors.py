@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from importlib import import_module
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,6 +40,18 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def metric_names(self) -> tuple[str, str | None]:
+        """How its Fréchet distance and (with a classifier head) its Inception Score are reported."""
+        ...
+
+    def class_log_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Class logits from its own features where the network has a classifier head (for IS), else None."""
+        ...
+
+    def prompt_fidelity(self, features: torch.Tensor, captions: Sequence[str]) -> dict[str, float] | None:
+        """How often the images its features came from match their captions, where it can judge that; else None."""
+        ...
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -90,6 +102,17 @@ class ResizingExtractor(nn.Module):
     layer: str
     dim: int
     input_size: int
+    fid_name: str | None = None  # None: reported as FD_<name>, never as an Inception FID
+    is_name: str | None = None   # set where class_log_probabilities gives logits
+
+    def metric_names(self) -> tuple[str, str | None]:
+        return self.fid_name or f"FD_{self.name}", self.is_name
+
+    def class_log_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def prompt_fidelity(self, features: torch.Tensor, captions: Sequence[str]) -> dict[str, float] | None:
+        return None
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,6 +150,7 @@ class InceptionV3Features(ResizingExtractor):
 
     WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
     name, layer, dim, input_size = "inception_v3", "pool_2048", 2048, 299
+    fid_name, is_name = "FID", "IS"
 
     def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -145,6 +169,10 @@ class InceptionV3Features(ResizingExtractor):
         (features,) = self.network(images)
         return features
 
+    def class_log_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """torch-fidelity's `logits_unbiased`: pool features times the fc weight, no bias (the logits its IS uses)."""
+        return features @ self.network.fc.weight.detach().cpu().T
+
     def weights_identity(self) -> dict[str, Any]:
         # The release file name carries its hash; any other file is identified by its content.
         is_release_file = os.path.basename(self.weights_path) == self.WEIGHTS_FILE
@@ -156,7 +184,7 @@ class CLIPFeatures(ResizingExtractor):
     """CLIP image embeddings (open_clip `visual` output, not L2-normalised, as torch-fidelity), the
     features of FID_CLIP (Kynkäänniemi et al. 2023, "The Role of ImageNet Classes in FID")."""
 
-    name, layer = "clip", "image_embedding"
+    name, layer, fid_name = "clip", "image_embedding", "FID_CLIP"
 
     def __init__(self, arch: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -194,7 +222,7 @@ class DINOv2Features(ResizingExtractor):
     torch.hub `facebookresearch/dinov2` or a local clone (`repo_dir`) and weight file (`weights_path`)."""
 
     DIMS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
-    name, layer, input_size = "dinov2", "cls_token", 224
+    name, layer, input_size, fid_name = "dinov2", "cls_token", 224, "FD_DINOv2"
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ safetensors file. It serves twice:
 
 - as the feature extractor `shapes_cnn` (layer `penultimate`) for FID / precision / recall on shapes:
   these are *shapes-CNN* distances, comparable only with each other, never with Inception FID;
-- as a prompt-fidelity judge, `prompt_fidelity(images, captions)`: how often the generated object has
+- as a prompt-fidelity judge, `prompt_fidelity(features, captions)`: how often the generated object has
   the colour, shape and position its caption asks for.
 
 Reproduce the cached file with
@@ -32,9 +32,7 @@ from torch import nn
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, render_sample
 from ldm.metrics.extractors import (
     ResizingExtractor,
-    check_uint8_images,
     file_digest,
-    resize_uint8,
 )
 from ldm.utils.files import write_atomic
 
@@ -134,7 +132,7 @@ def load_shapes_classifier(path: str) -> tuple[ShapesClassifier, dict[str, Any]]
 class ShapesClassifierExtractor(ResizingExtractor):
     """The classifier as a feature extractor (penultimate features) and prompt-fidelity judge."""
 
-    name, layer = "shapes_cnn", "penultimate"
+    name, layer, fid_name, is_name = "shapes_cnn", "penultimate", "FID_shapes_cnn", "IS_shapes_cnn"
 
     def __init__(self, model: ShapesClassifier, resolution: int, weights: str) -> None:
         super().__init__()
@@ -150,14 +148,24 @@ class ShapesClassifierExtractor(ResizingExtractor):
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predicted class index per head for uint8 (B, 3, H, W) images."""
-        check_uint8_images(images)
-        device = next(self.parameters()).device
-        _, logits = self.model(to_model_input(resize_uint8(images, self.input_size).to(device)))
-        return {head: values.argmax(dim=1).cpu() for head, values in logits.items()}
+        return {head: logits.argmax(dim=1) for head, logits in self.head_logits(self(images)).items()}
 
-    def prompt_fidelity(self, images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    @torch.inference_mode()
+    def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the colour / shape / position heads (linear layers on the penultimate features), on the CPU."""
+        device = next(self.parameters()).device
+        return {name: head(features.to(device)).cpu() for name, head in self.model.heads.items()}
+
+    def class_log_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """Joint (colour, shape, position) log-probabilities, the heads taken as independent given the image,
+        so IS_shapes_cnn peaks at 7*3*9 = 189."""
+        color, shape, position = (logits.log_softmax(dim=1) for logits in self.head_logits(features).values())
+        return (color[:, :, None, None] + shape[:, None, :, None] + position[:, None, None, :]).flatten(1)
+
+    def prompt_fidelity(self, features: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
         """Fraction of images whose predicted colour / shape / position (and all three) match the caption."""
-        return caption_match_rates(self.predict(images), captions)
+        predictions = {head: logits.argmax(dim=1) for head, logits in self.head_logits(features).items()}
+        return caption_match_rates(predictions, captions)
 
 
 def load_shapes_classifier_extractor(
