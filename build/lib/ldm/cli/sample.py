@@ -1,0 +1,40 @@
+"""`python sample.py ...`: sample images from a trained latent-diffusion checkpoint.
+
+    python sample.py ckpt=PATH prompt="a red circle at the top left" n=16 sampler=ddim steps=50 cfg_scale=5 out=DIR
+
+Writes DIR/00000.png ..., DIR/grid.png (one row per prompt / class) and DIR/samples.json.
+"""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from ldm.inference.sampling import sample_checkpoint
+
+log = logging.getLogger("sample")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        records = sample_checkpoint(
+            cfg.ckpt, cfg.out, prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,
+            class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size, sampler=cfg.sampler,
+            steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed, use_ema=cfg.use_ema,
+            device=cfg.device, precision=cfg.precision,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        sys.exit(2)
+    log.info("Wrote %d samples, grid.png and samples.json to %s", len(records), cfg.out)
+
+
+def _labels(class_label) -> list[int]:
+    if class_label is None:
+        return []
+    return [int(c) for c in class_label] if isinstance(class_label, ListConfig) else [int(class_label)]
+
+
+if __name__ == "__main__":
+    main()

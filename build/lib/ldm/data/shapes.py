@@ -1,0 +1,162 @@
+"""The built-in ``shapes`` data set: coloured circles, squares and triangles on a dark background.
+
+Small enough to train on a CPU, rich enough to test conditioning: every caption ("a red circle at the top
+left") names colour, shape and 3x3 grid cell, and the first object gives a class label (colour x shape).
+Everything is drawn from one seeded generator, so a seed gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ldm.data.shards import SIZES_FILE, update_sizes, write_shard
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 20, 20),
+    "green": (20, 200, 20),
+    "blue": (30, 60, 230),
+    "yellow": (230, 220, 20),
+    "magenta": (220, 30, 220),
+    "cyan": (20, 210, 220),
+    "white": (235, 235, 235),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+)  # row-major 3x3 grid cells
+NUM_CLASSES = len(COLORS) * len(SHAPES)
+
+MAX_BACKGROUND_GRAY = 48
+SIZE_RANGE = (0.15, 0.25)  # object side as a fraction of the image side
+SUPERSAMPLING = 4  # draw at 4x and box-downsample: anti-aliased edges, exact colours inside
+META_FILE = "shapes_meta.json"
+
+
+def class_index(color: str, shape: str) -> int:
+    """Class label of a (colour, shape) pair: colour index * 3 + shape index."""
+    if color not in COLORS or shape not in SHAPES:
+        raise ValueError(f"unknown colour/shape {color!r}/{shape!r}; colours: {list(COLORS)}, shapes: {SHAPES}")
+    return list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
+
+
+def render_sample(rng: np.random.Generator, resolution: int = 64, num_objects: int = 1) -> tuple[Image.Image, dict]:
+    """Draw one image with ``num_objects`` objects in distinct grid cells; return it and its attributes."""
+    if not 1 <= num_objects <= 2:
+        raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
+    if resolution < 12:
+        raise ValueError(f"resolution must be at least 12 pixels to draw recognisable shapes, got {resolution}")
+    big = resolution * SUPERSAMPLING
+    gray = int(rng.integers(0, MAX_BACKGROUND_GRAY + 1))
+    canvas = Image.new("RGB", (big, big), (gray, gray, gray))
+    draw = ImageDraw.Draw(canvas)
+    cells = rng.choice(len(POSITIONS), size=num_objects, replace=False)
+    objects = []
+    for cell in cells:
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        _draw_object(draw, rng, int(cell), shape, COLORS[color], resolution)
+        objects.append({"shape": shape, "color": color, "position": POSITIONS[int(cell)]})
+    image = canvas.resize((resolution, resolution), Image.Resampling.BOX)
+    caption = " and ".join(f"a {o['color']} {o['shape']} at the {o['position']}" for o in objects)
+    return image, {
+        "caption": caption,
+        "objects": objects,
+        "class_label": class_index(objects[0]["color"], objects[0]["shape"]),
+    }
+
+
+def write_shapes(
+    root: str,
+    resolution: int = 64,
+    num_train: int = 10000,
+    num_val: int = 1000,
+    num_objects: int = 1,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+) -> dict[str, str | None]:
+    """Write train / val shards under ``root`` unless the same parameters already wrote them.
+
+    Returns brace URLs ``{"train": ..., "val": ...}`` (``val`` is None when ``num_val`` is 0).
+    """
+    params = {"resolution": resolution, "num_train": num_train, "num_val": num_val,
+              "num_objects": num_objects, "seed": seed, "samples_per_shard": samples_per_shard}
+    if num_train < 1 or num_val < 0 or samples_per_shard < 1:
+        raise ValueError(f"need num_train >= 1, num_val >= 0 and samples_per_shard >= 1, got {params}")
+    urls = shapes_urls(root, num_train, num_val, samples_per_shard)
+    meta_path = os.path.join(root, META_FILE)
+    if _read_meta(meta_path) == params:
+        return urls
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):  # shards of earlier parameters must not linger beside the new ones
+        if name.startswith(("train-", "val-")) and name.endswith(".tar") or name in (META_FILE, SIZES_FILE):
+            os.remove(os.path.join(root, name))
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        rng = np.random.default_rng([seed, split_index])
+        sizes = {}
+        for shard in range(_num_shards(count, samples_per_shard) if count else 0):
+            first = shard * samples_per_shard
+            indices = range(first, min(first + samples_per_shard, count))
+            name = f"{split}-{shard:06d}.tar"
+            sizes[name] = write_shard(os.path.join(root, name), _encoded_samples(rng, indices, resolution, num_objects))
+        update_sizes(root, sizes)
+    with open(meta_path, "w") as f:  # written last: its presence means the shards are complete
+        json.dump(params, f, indent=1)
+    return urls
+
+
+def shapes_urls(root: str, num_train: int, num_val: int, samples_per_shard: int) -> dict[str, str | None]:
+    """Brace URLs of the shards ``write_shapes`` writes for these sizes (without writing anything)."""
+    def pattern(split: str, count: int) -> str | None:
+        last = _num_shards(count, samples_per_shard) - 1
+        return f"{root}/{split}-{{000000..{last:06d}}}.tar" if count > 0 else None
+
+    return {"train": pattern("train", num_train), "val": pattern("val", num_val)}
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cell: int, shape: str,
+                 fill: tuple[int, int, int], resolution: int) -> None:
+    """Draw one shape centred in its grid cell, with a few pixels of jitter that keep it inside the cell."""
+    size = rng.uniform(*SIZE_RANGE) * resolution
+    jitter = max(1, resolution // 32)
+    row, col = divmod(cell, 3)
+    cx = (col + 0.5) * resolution / 3 + int(rng.integers(-jitter, jitter + 1))
+    cy = (row + 0.5) * resolution / 3 + int(rng.integers(-jitter, jitter + 1))
+    s, half = SUPERSAMPLING, size / 2
+    box = [(cx - half) * s, (cy - half) * s, (cx + half) * s, (cy + half) * s]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+
+
+def _encoded_samples(rng: np.random.Generator, indices: range, resolution: int,
+                     num_objects: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    for index in indices:
+        image, attributes = render_sample(rng, resolution, num_objects)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        yield f"{index:08d}", {
+            "png": png.getvalue(),
+            "txt": attributes["caption"].encode(),
+            "json": json.dumps(attributes, sort_keys=True).encode(),
+            "cls": str(attributes["class_label"]).encode(),
+        }
+
+
+def _num_shards(count: int, samples_per_shard: int) -> int:
+    return max(1, -(-count // samples_per_shard))
+
+
+def _read_meta(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,292 @@
+"""WebDataset DataModules: tar shards -> batches, equal steps on every rank, exact mid-epoch resume.
+
+Each dataloader worker reads the shards its ``ShardPlan`` slice names, shuffles samples in a buffer seeded
+by (seed, epoch, rank, worker), decodes and batches them, and stops after exactly its planned number of
+batches. Nothing depends on a running random stream, so a resumed run can skip the batches already
+trained on by reading (not decoding) their samples, and then yields the same batches the straight run
+would have yielded.
+
+Corrupt samples are dropped from their batch (which gets smaller), warned about, and counted: every batch
+carries ``num_skipped`` (samples dropped while building it) and ``DataModule.num_skipped`` is the running
+total in this process. A batch is always built from ``batch_size`` raw samples, so resuming needs no
+decoding; only if all of them are corrupt does it read on until it has a good one.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ldm.data.shapes import shapes_urls, write_shapes
+from ldm.data.sharding import ShardPlan, WorkerSlice, plan_shards, resume_point
+from ldm.data.shards import expand_urls, is_local, iter_raw_samples, shard_sample_counts
+from ldm.data.transforms import (
+    CorruptSample,
+    ImageTransform,
+    collate,
+    decode_sample,
+    to_unit_range,
+)
+from ldm.utils.ranks import distributed_rank_and_world_size
+
+MAX_WARNINGS_PER_WORKER = 5
+MAX_CORRUPT_IN_A_ROW = 10_000
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank for one epoch, as planned; ``start_epoch`` sets the epoch and resume point.
+
+    ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``): images
+    for ``WebDataModule``, cached latents for ``ldm.inference.latent_cache.LatentDataModule``."""
+
+    def __init__(self, urls: list[str], plan: ShardPlan, rank: int, decode: Callable[..., dict], batch_size: int,
+                 shuffle_buffer: int, seed: int) -> None:
+        self.urls, self.plan, self.rank = urls, plan, rank
+        self.decode, self.batch_size = decode, batch_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.epoch, self.worker_skips, self.worker_rotation = 0, [0] * plan.num_workers, 0
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_rank
+
+    def start_epoch(self, epoch: int, skip_batches: int) -> None:
+        """Set the epoch and how many of its batches (in DataLoader order) were already consumed."""
+        quotas = [s.num_batches for s in self.plan.slices[self.rank]]
+        self.epoch = epoch
+        self.worker_skips, self.worker_rotation = resume_point(quotas, skip_batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.worker_rotation) % self.plan.num_workers
+        work = self.plan.slices[self.rank][worker]
+        skipped = {"count": 0, "warned": 0}
+
+        def on_corrupt(reason: object) -> None:
+            skipped["count"] += 1
+            if skipped["warned"] < MAX_WARNINGS_PER_WORKER:
+                skipped["warned"] += 1
+                more = " (further ones are counted silently)" if skipped["warned"] == MAX_WARNINGS_PER_WORKER else ""
+                warnings.warn(f"skipping corrupt data: {reason}{more}", RuntimeWarning, stacklevel=2)
+
+        samples = self._raw_samples(work, worker, on_corrupt)
+        first = self.worker_skips[worker]
+        for _ in range(min(first * self.batch_size, work.num_samples)):  # resume: read, do not decode
+            next(samples)
+        for index in range(first, work.num_batches):
+            size = min(self.batch_size, work.num_samples - index * self.batch_size)
+            yield self._next_batch(samples, size, skipped, on_corrupt)
+
+    def _next_batch(self, samples: Iterator[dict], size: int, skipped: dict,
+                    on_corrupt: Callable[[object], None]) -> dict:
+        rows, before = [], skipped["count"]
+        for raw in itertools.islice(samples, size):
+            rows.append(self._decode(raw, on_corrupt))
+        while not any(rows):  # all corrupt: read on rather than yield an empty batch
+            if len(rows) > MAX_CORRUPT_IN_A_ROW:
+                raise RuntimeError(f"{len(rows)} corrupt samples in a row: check the shards with "
+                                   "data/inspect_shards.py (wrong format or fields?)")
+            rows.append(self._decode(next(samples), on_corrupt))
+        return collate([row for row in rows if row], num_skipped=skipped["count"] - before)
+
+    def _decode(self, raw: dict, on_corrupt: Callable[[object], None]) -> dict | None:
+        try:
+            return self.decode(raw, epoch=self.epoch)
+        except CorruptSample as exn:
+            on_corrupt(exn)
+            return None
+
+    def _raw_samples(self, work: WorkerSlice, worker: int, on_error: Callable[[object], None]) -> Iterator[dict]:
+        """Endless raw samples of this worker: its shards pass after pass (only read again if it runs short)."""
+        for pass_index in itertools.count():
+            rng = random.Random(f"{self.seed}/{self.epoch}/{pass_index}/{self.rank}/{worker}")
+            shards = self._pass_shards(work, pass_index, rng)
+            samples = iter_raw_samples((self.urls[i] for i in shards), on_error=on_error)
+            if work.keep_every > 1:
+                samples = itertools.islice(samples, work.keep_offset, None, work.keep_every)
+            read = 0
+            for sample in _shuffled(samples, self.shuffle_buffer, rng):
+                read += 1
+                yield sample
+            if read == 0:
+                raise RuntimeError(f"shards {[self.urls[i] for i in shards]} hold no readable sample")
+            if pass_index == 0 and self.plan.exact_epochs:
+                warnings.warn(f"shards {[self.urls[i] for i in shards]} held fewer readable samples than their "
+                              "sizes say: reading them again to keep every rank at the same number of batches",
+                              RuntimeWarning, stacklevel=2)
+
+    def _pass_shards(self, work: WorkerSlice, pass_index: int, rng: random.Random) -> list[int]:
+        if self.plan.resampled:
+            return [rng.choice(work.shards) for _ in work.shards]
+        if self.shuffle_buffer <= 1:
+            return list(work.shards)
+        # a sample-level split needs the same shard order on every rank and worker
+        order_rng = rng if work.keep_every == 1 else random.Random(f"{self.seed}/{self.epoch}/{pass_index}")
+        return order_rng.sample(list(work.shards), len(work.shards))
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that asks ``start_pass`` for (epoch, skip) when iteration really starts.
+
+    The question is asked at the first ``next()``, not at ``iter()``: Lightning creates the iterator before
+    it advances the epoch counter when it resumes from an end-of-epoch checkpoint.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, start_pass: Callable[[], tuple[int, int]],
+                 on_batch: Callable[[dict], None], on_end: Callable[[], None]) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self._start_pass, self._on_batch, self._on_end = start_pass, on_batch, on_end
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.start_epoch(*self._start_pass())
+        for batch in super().__iter__():
+            if "image" in batch:
+                batch["image"] = to_unit_range(batch["image"])  # in this process: workers ship uint8
+            self._on_batch(batch)
+            yield batch
+        self._on_end()
+
+
+class WebDataModule(pl.LightningDataModule):
+    """Train / val loaders over WebDataset shards (img2dataset layout) with the batch of docs/architecture.md."""
+
+    def __init__(
+        self,
+        train_urls: str,
+        val_urls: str | None = None,
+        resolution: int = 64,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        random_flip: bool = False,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0 or (samples_per_epoch is not None and samples_per_epoch < 1):
+            raise ValueError(f"need batch_size >= 1, num_workers >= 0, samples_per_epoch >= 1 or None; got "
+                             f"{batch_size}, {num_workers}, {samples_per_epoch}")
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self.resolution, self.batch_size = resolution, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.random_flip, self.shuffle_buffer = num_workers, random_flip, shuffle_buffer
+        self.resampled, self.samples_per_epoch, self.seed = resampled, samples_per_epoch, seed
+        self.num_skipped = 0  # corrupt samples dropped from the batches this process has yielded
+        self._epoch, self._consumed = 0, 0
+        self._resume: tuple[int, int] | None = None
+
+    def train_dataloader(self) -> EpochLoader:
+        length = (self.samples_per_epoch, self.resampled)
+        return self._loader(self.train_urls, self.batch_size, train=True, length=length)
+
+    def val_dataloader(self) -> EpochLoader | list:
+        if not self.val_urls:
+            return []
+        return self._loader(self.val_urls, self.val_batch_size, train=False, length=(None, False))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the next training pass when no Trainer drives this module (a Trainer's epoch wins)."""
+        self._epoch, self._consumed = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and training batches consumed in it: enough to resume exactly, also mid-epoch."""
+        trainer = self._trainer_or_none()
+        if trainer is not None:  # batches whose training step ran (the loader may have fetched further)
+            return {"epoch": trainer.current_epoch,
+                    "batches_consumed": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        return {"epoch": self._epoch, "batches_consumed": self._consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+        self._epoch = self._resume[0]
+
+    def _loader(self, urls: str, batch_size: int, train: bool, length: tuple[int | None, bool]) -> EpochLoader:
+        shard_urls = expand_urls(urls)
+        missing = [url for url in shard_urls if is_local(url) and not os.path.exists(url)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(shard_urls)} shards of {urls!r} do not exist, e.g. "
+                                    f"{missing[0]}; check the pattern (or run prepare_data / data/make_shards.py)")
+        rank, world_size = distributed_rank_and_world_size()
+        samples_per_epoch, resampled = length
+        counts = None if samples_per_epoch is not None else shard_sample_counts(shard_urls)
+        plan = plan_shards(counts, len(shard_urls), world_size, self.num_workers, batch_size,
+                           samples_per_epoch=samples_per_epoch, resampled=resampled)
+        notes = plan.warnings + (plan.notes if train else ())  # fewer val workers is no news worth a warning
+        for note in notes if rank == 0 else ():  # every rank has the same plan: say it once
+            warnings.warn(f"{'train' if train else 'val'} shards {urls}: {note}", UserWarning, stacklevel=3)
+        stream = ShardStream(shard_urls, plan, rank, self.sample_decoder(train), batch_size,
+                             shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed)
+        workers = plan.num_workers if self.num_workers > 0 else 0
+        if train:
+            return EpochLoader(stream, workers, self._start_train_pass, self._count_train_batch, self._end_train_pass)
+        return EpochLoader(stream, workers, lambda: (0, 0), self._count_skipped, lambda: None)
+
+    def sample_decoder(self, train: bool) -> Callable[..., dict]:
+        """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
+        transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
+        return functools.partial(decode_sample, transform=transform, seed=self.seed)
+
+    def _start_train_pass(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        epoch = trainer.current_epoch if trainer is not None else self._epoch
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, consumed = self._resume
+            skip = consumed if resume_epoch == epoch else 0
+            self._resume = None
+        self._epoch, self._consumed = epoch, skip
+        return epoch, skip
+
+    def _count_train_batch(self, batch: dict) -> None:
+        self._consumed += 1
+        self._count_skipped(batch)
+
+    def _count_skipped(self, batch: dict) -> None:
+        self.num_skipped += batch["num_skipped"]
+
+    def _end_train_pass(self) -> None:
+        self._epoch, self._consumed = self._epoch + 1, 0
+
+    def _trainer_or_none(self) -> pl.Trainer | None:
+        return getattr(self, "trainer", None)
+
+
+class ShapesDataModule(WebDataModule):
+    """The built-in shapes data set (written once under ``root`` by ``prepare_data``) as a WebDataModule."""
+
+    def __init__(self, root: str, resolution: int = 64, num_train: int = 10000, num_val: int = 1000,
+                 num_objects: int = 1, seed: int = 0, samples_per_shard: int = 1000, **loader_args) -> None:
+        urls = shapes_urls(root, num_train, num_val, samples_per_shard)
+        super().__init__(urls["train"], urls["val"], resolution=resolution, seed=seed, **loader_args)
+        self.shapes_args = {"root": root, "resolution": resolution, "num_train": num_train, "num_val": num_val,
+                            "num_objects": num_objects, "seed": seed, "samples_per_shard": samples_per_shard}
+
+    def prepare_data(self) -> None:
+        write_shapes(**self.shapes_args)
+
+
+def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle a stream through a buffer of ``buffer_size`` samples (no-op for sizes <= 1)."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer

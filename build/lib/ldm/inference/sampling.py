@@ -1,0 +1,138 @@
+"""Sampling from a trained LatentDiffusion checkpoint to a folder: what `sample.py` and `evaluate.py` share.
+
+Writes one PNG per sample (`00000.png`, ...), `grid.png` (one row per prompt / class) and
+`samples.json` (one record per image: file, prompt or class, seed, sampler settings, checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ldm.diffusion.samplers import SAMPLERS
+from ldm.loading.checkpoints import load_latent_diffusion
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.utils.devices import autocast_dtype, resolve_device
+from ldm.utils.images import images_to_uint8, save_image_grid
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    cfg_scale: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {self.sampler!r}. Choose one of: {', '.join(SAMPLERS)}.")
+
+
+def conditions_for(
+    model: LatentDiffusion, prompts: Sequence[str], class_labels: Sequence[int], n: int
+) -> list[str | int | None]:
+    """One entry per sample, `n` per prompt / class; checks they fit the model's conditioning."""
+    key = model.conditioner.batch_key
+    if key == "caption":
+        if class_labels:
+            raise ValueError("This is a text-conditioned model: pass prompt=... or prompts_file=..., not class_label.")
+        if not prompts:
+            raise ValueError("This is a text-conditioned model: pass prompt=\"...\" or prompts_file=PATH.")
+        return [p for p in prompts for _ in range(n)]
+    if key == "class_label":
+        if prompts:
+            raise ValueError("This is a class-conditional model: pass class_label=K (or nothing for all classes), not prompts.")
+        labels = list(class_labels) or list(range(model.conditioner.num_classes))
+        return [c for c in labels for _ in range(n)]
+    if prompts or class_labels:
+        raise ValueError("This is an unconditional model: drop prompt / class_label.")
+    return [None] * n
+
+
+def generate_to_dir(
+    model: LatentDiffusion,
+    conditions: list[str | int | None],
+    out: str,
+    settings: SamplerSettings,
+    batch_size: int = 16,
+    ckpt: str | None = None,
+    per_row: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[dict]:
+    """Sample every condition (sample i seeded with settings.seed + i), write PNGs, grid and records."""
+    os.makedirs(out, exist_ok=True)
+    records, images_uint8 = [], []
+    for start in tqdm(range(0, len(conditions), batch_size), desc="sampling", unit="batch"):
+        chunk = conditions[start:start + batch_size]
+        inputs = as_model_inputs(chunk)
+        with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            images = model.generate(
+                inputs, len(chunk), sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                cfg_scale=settings.cfg_scale, seed=settings.seed, seed_offset=start,
+            )
+        batch_uint8 = images_to_uint8(images)
+        for i, (image, condition) in enumerate(zip(batch_uint8, chunk)):
+            index = start + i
+            name = f"{index:05d}.png"
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(out, name))
+            record = {"file": name, **asdict(settings), "seed": settings.seed + index, "ckpt": ckpt}
+            record["prompt" if isinstance(condition, str) else "class_label"] = condition
+            records.append(record)
+        images_uint8.append(batch_uint8)
+    grid = torch.cat(images_uint8).float() / 127.5 - 1
+    save_image_grid(grid, os.path.join(out, "grid.png"), nrow=per_row or int(math.ceil(math.sqrt(len(conditions)))))
+    with open(os.path.join(out, "samples.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    return records
+
+
+def as_model_inputs(chunk: list[str | int | None]) -> list[str] | torch.Tensor | None:
+    if chunk[0] is None:
+        return None
+    if isinstance(chunk[0], str):
+        return list(chunk)
+    return torch.tensor(chunk, dtype=torch.long)
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """`prompt=` and/or the non-empty lines of `prompts_file=`."""
+    prompts = [prompt] if prompt else []
+    if prompts_file:
+        if not os.path.isfile(prompts_file):
+            raise FileNotFoundError(f"prompts_file={prompts_file!r} does not exist (one prompt per line).")
+        with open(prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    return prompts
+
+
+def sample_checkpoint(
+    ckpt: str,
+    out: str,
+    prompts: Sequence[str] = (),
+    prompts_file: str | None = None,
+    class_labels: Sequence[int] = (),
+    n: int = 4,
+    batch_size: int = 16,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    cfg_scale: float = 5.0,
+    seed: int = 0,
+    use_ema: bool = True,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> list[dict]:
+    """What `sample.py` does: `n` samples per prompt / class of a checkpoint into `out`."""
+    settings = SamplerSettings(sampler, steps, eta, cfg_scale, seed)
+    dtype = autocast_dtype(precision)
+    model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(device))
+    conditions = conditions_for(model, [*prompts, *read_prompts(None, prompts_file)], class_labels, n)
+    return generate_to_dir(model, conditions, out, settings, batch_size=batch_size, ckpt=ckpt, per_row=n,
+                           autocast_dtype=dtype)

@@ -1,0 +1,117 @@
+"""Load weights from a file into an existing `LatentDiffusion` (`train.py init_from=PATH`).
+
+Accepts a CompVis / SD checkpoint (`model.diffusion_model.*`, ...), an ldm training checkpoint
+(`unet.*`, `first_stage.*`, `conditioner.*`, `ema.*`) or an ldm export (`load_exported`'s format).
+The UNet must load completely; the first stage and the conditioner load when the file has them
+(a first stage must come from somewhere: the file or `model.first_stage_ckpt`). Afterwards the
+EMA restarts from the loaded weights, so fine-tuning averages from where it starts.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from torch import Tensor
+
+from ldm.loading.compvis import (
+    EMA_PREFIX,
+    FIRST_STAGE_PREFIX,
+    IGNORED_KEYS,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    state_dict_of,
+)
+from ldm.loading.state_dicts import (
+    CheckpointMismatchError,
+    describe_mismatch,
+    strip_prefix,
+)
+from ldm.models.ema import EMA
+from ldm.utils.files import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+OUR_EMA_PREFIX = "ema."
+OPTIONAL_PARTS = ("first_stage", "conditioner")
+
+
+def load_weights_into(model, path: str, use_ema: bool = False) -> None:
+    """Copy the weights of `path` into `model` (a LatentDiffusion), exactly or not at all.
+    `use_ema`: take the file's EMA UNet (`model_ema.*` / `ema.*`) instead of its raw UNet."""
+    load_state_into(model, state_dict_of(load_checkpoint(path)), path, use_ema=use_ema)
+
+
+def load_state_into(model, state_dict: Mapping[str, Tensor], source: str, use_ema: bool = False, hint: str = "") -> None:
+    """`load_weights_into` for a state dict already in memory; `hint` ends a mismatch error."""
+    if any(key.startswith(UNET_PREFIX) for key in state_dict):
+        ours = compvis_to_ours(state_dict, [name for name, _ in model.unet.named_parameters()], use_ema, source)
+    elif any(key.startswith("unet.") for key in state_dict):
+        ours = _ours_with_ema(state_dict, [name for name, _ in model.trainable.named_parameters()], use_ema, source)
+    else:
+        raise CheckpointMismatchError(
+            f"{source} has no UNet weights: expected keys model.diffusion_model.* (CompVis / Stable Diffusion) "
+            f"or unet.* (an ldm LatentDiffusion checkpoint or export); found e.g. {sorted(state_dict)[:5]}."
+        )
+    parts = {"unet"} | {part for part in OPTIONAL_PARTS if any(key.startswith(part + ".") for key in ours)}
+    if "first_stage" not in parts and not model.hparams.get("first_stage_ckpt"):
+        raise CheckpointMismatchError(
+            f"{source} has no first-stage (autoencoder) weights and the model's first stage is not loaded from "
+            "model.first_stage_ckpt: it would stay random. Pass model.first_stage_ckpt=PATH as well."
+        )
+    expected = {key: value for key, value in model.state_dict().items() if key.split(".")[0] in parts}
+    if "scale_factor" in ours:
+        expected["scale_factor"] = model.scale_factor
+    message = describe_mismatch(expected, ours)
+    if message:
+        raise CheckpointMismatchError(f"{source} does not fit the model: {message}{' ' + hint if hint else ''}")
+    model.load_state_dict(ours, strict=False)  # every key of the loaded parts is present: checked above
+    if "scale_factor" in ours:
+        model.set_scale_factor(float(model.scale_factor))
+    if model.ema is not None:
+        model.ema = EMA(model.trainable, decay=model.ema.decay, warmup=model.ema.warmup)
+    log.info("Loaded %s from %s%s.", ", ".join(sorted(parts)), source, " (EMA UNet)" if use_ema else "")
+
+
+def compvis_to_ours(
+    state_dict: Mapping[str, Tensor], unet_param_names: list[str], use_ema: bool, source: str
+) -> dict[str, Tensor]:
+    """Rename a CompVis / SD state dict to our LatentDiffusion keys (see compvis.py for the table).
+
+    Keys with no counterpart and not known to be irrelevant are kept under their own name, so
+    that the exactness check reports them as unexpected."""
+    ours = strip_prefix(state_dict, FIRST_STAGE_PREFIX, "first_stage.")
+    ours.update(strip_prefix(state_dict, OPENCLIP_PREFIX, "conditioner.model."))
+    if use_ema:
+        ema_keys = {EMA_PREFIX + name.replace(".", ""): name for name in unet_param_names}
+        if not any(key in state_dict for key in ema_keys):
+            raise CheckpointMismatchError(
+                f"{source} has no EMA weights (model_ema.*). Files such as '*-emaonly' already store the EMA "
+                "UNet as the model's weights: load them with use_ema=False."
+            )
+        ours.update({"unet." + name: state_dict[key] for key, name in ema_keys.items() if key in state_dict})
+    else:
+        ours.update(strip_prefix(state_dict, UNET_PREFIX, "unet."))
+    if "scale_factor" in state_dict:
+        ours["scale_factor"] = state_dict["scale_factor"]
+    unmapped_text = [key for key in state_dict if key.startswith("cond_stage_model.") and not key.startswith(OPENCLIP_PREFIX)]
+    if unmapped_text:
+        log.warning("%s: %d text-encoder tensors (cond_stage_model.%s.*) not loaded: their layout is not "
+                    "ours; the model keeps its own conditioner.", source, len(unmapped_text), unmapped_text[0].split(".")[1])
+    known = (UNET_PREFIX, FIRST_STAGE_PREFIX, "cond_stage_model.", "model_ema.")
+    ours.update({key: value for key, value in state_dict.items()
+                 if not key.startswith(known) and key not in IGNORED_KEYS and key != "scale_factor"})
+    return ours
+
+
+def _ours_with_ema(
+    state_dict: Mapping[str, Tensor], trainable_names: list[str], use_ema: bool, source: str
+) -> dict[str, Tensor]:
+    """Our own layout: the EMA shadows (`ema.<name without dots>`) replace the trainable weights
+    when asked; the EMA buffers themselves never load (the EMA restarts)."""
+    ours = {key: value for key, value in state_dict.items() if not key.startswith(OUR_EMA_PREFIX)}
+    if use_ema:
+        shadows = {OUR_EMA_PREFIX + name.replace(".", ""): name for name in trainable_names}
+        if not any(key in state_dict for key in shadows):
+            raise CheckpointMismatchError(f"{source} has no EMA weights (ema.*): load it with use_ema=False.")
+        ours.update({name: state_dict[key] for key, name in shadows.items() if key in state_dict})
+    return ours

@@ -1,0 +1,295 @@
+"""`LatentDiffusion`: the stage-2 LightningModule (LDM paper, Sec. 3.2-3.3).
+
+A frozen stage-1 autoencoder maps images to latents z0 = scale_factor * E(x); a UNet learns to predict
+the noise (or v) added to them, conditioned through cross-attention (text), a class embedding (classes),
+or nothing. This module owns training only: nets, schedule and samplers live in their own modules.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.diffusion.samplers import make_generators, sample
+from ldm.diffusion.schedule import NoiseSchedule, diffusion_loss
+from ldm.models.conditioners import drop_mask
+from ldm.models.ema import EMA
+from ldm.models.nonfinite import NonFiniteGradientGuard
+from ldm.models.optimization import global_batch_size
+from ldm.nets.unet import UNetModel
+from ldm.nets.vae import KLAutoencoder
+
+NUM_TIMESTEP_BINS = 4  # the loss is also logged per quartile of t: where the model struggles shows there
+
+
+class LatentDiffusion(pl.LightningModule):
+    def __init__(
+        self,
+        unet: dict,
+        conditioner: dict,
+        first_stage_ckpt: str | None = None,
+        first_stage: dict | None = None,
+        first_stage_factor: int | None = None,
+        image_size: int = 256,
+        scale_factor: float | None = None,
+        prediction_type: str = "eps",
+        loss_type: str = "l2",
+        min_snr_gamma: float | None = None,
+        p_uncond: float = 0.1,
+        learning_rate: float = 1e-4,
+        scale_lr: bool = False,
+        batch_size: int | None = None,
+        weight_decay: float = 0.0,
+        adam_betas: Sequence[float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        schedule: dict | None = None,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        """`first_stage` holds the autoencoder's constructor arguments; its weights arrive with the state
+        dict. This module opens no file: `ldm.loading.build_latent_diffusion` fills `first_stage` in from
+        `first_stage_ckpt` (kept as a record of where the weights came from) and loads them, so a
+        checkpoint of this module rebuilds from its hyperparameters alone."""
+        super().__init__()
+        self.save_hyperparameters()
+        if first_stage is None:
+            raise ValueError(
+                "LatentDiffusion needs `first_stage` (the autoencoder's constructor arguments). Build it with "
+                "ldm.loading.build_latent_diffusion(config), which reads them and the weights from first_stage_ckpt."
+            )
+        self.first_stage = KLAutoencoder(**first_stage)
+        self.first_stage.requires_grad_(False).eval()
+        _check_first_stage(self.first_stage, unet, first_stage_ckpt, first_stage_factor)
+
+        self.unet = UNetModel(**unet)
+        self.conditioner = hydra.utils.instantiate(conditioner)
+        self.schedule = NoiseSchedule(**(schedule or {}))
+        self.register_buffer("scale_factor", torch.tensor(math.nan if scale_factor is None else scale_factor))
+        self._scale_factor_ready = scale_factor is not None
+        self.ema = EMA(self.trainable, decay=ema_decay) if ema_decay > 0 else None
+        self.nonfinite_guard = NonFiniteGradientGuard(max_nonfinite_steps)
+
+    @property
+    def trainable(self) -> nn.ModuleDict:
+        """The weights that train (and get an EMA): the UNet and a trainable conditioner."""
+        modules = {"unet": self.unet}
+        if any(p.requires_grad for p in self.conditioner.parameters()):
+            modules["conditioner"] = self.conditioner
+        return nn.ModuleDict(modules)
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        super().train(mode)
+        self.first_stage.eval()  # frozen: dropout / norm statistics stay in inference mode
+        return self
+
+    # ---------------------------------------------------------------- latents
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.encode(images).sample() * self.scale_factor
+
+    @torch.no_grad()
+    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unscaled first-stage latents of a batch: a posterior sample from cached `latent_mean` /
+        `latent_std` (cached-latent shards: no encoder pass), else from encoding `image`."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+        return self.first_stage.encode(batch["image"]).sample(generator=generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.decode(latents / self.scale_factor)
+
+    def set_scale_factor(self, value: float) -> None:
+        """Fix the latent scale (e.g. from an imported checkpoint); it is then never re-estimated."""
+        self.scale_factor.fill_(value)
+        self._scale_factor_ready = True
+
+    def _init_scale_factor(self, batch: dict[str, Any]) -> None:
+        """The paper's rescaling (Sec. 3.3 / App. G): unit-variance latents from the first batch.
+        Computed on rank 0 and broadcast, so every rank trains on identically scaled latents."""
+        std = self.batch_latents(batch).flatten().std()
+        value = self.trainer.strategy.broadcast(1.0 / std, src=0) if self._trainer is not None else 1.0 / std
+        self.scale_factor.copy_(value)
+        self._scale_factor_ready = True
+
+    # ---------------------------------------------------------------- training
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.unet(latents, timesteps, **cond)
+
+    def conditioning(self, batch: dict[str, Any], drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        key = self.conditioner.batch_key
+        inputs = batch[key] if key is not None else None
+        return self.conditioner(inputs, drop_mask=drop)
+
+    def diffusion_losses(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None, p_uncond: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses and their timesteps: ||target - UNet(z_t, t, c)||^2 (LDM paper, Eq. 2)."""
+        latents = self.batch_latents(batch, generator) * self.scale_factor
+        n = latents.shape[0]
+        drop = drop_mask(n, p_uncond, generator=generator, device=self.device) if p_uncond > 0 else None
+        cond = self.conditioning(batch, drop)
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=self.device, generator=generator)
+        noise = torch.randn(latents.shape, device=self.device, generator=generator, dtype=latents.dtype)
+        noisy = self.schedule.q_sample(latents, t, noise)
+        prediction = self(noisy, t, cond)
+        target = self.schedule.training_target(latents, noise, t, self.hparams.prediction_type)
+        weights = None
+        if self.hparams.min_snr_gamma is not None:
+            weights = self.schedule.loss_weights(t, self.hparams.prediction_type, self.hparams.min_snr_gamma)
+        return diffusion_loss(prediction, target, weights, self.hparams.loss_type), t
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self._scale_factor_ready:
+            self._init_scale_factor(batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses, t = self.diffusion_losses(batch, p_uncond=self.hparams.p_uncond)
+        loss = losses.mean()
+        n = losses.shape[0]
+        self.log("train/loss", loss, batch_size=n)
+        # corrupt samples the data pipeline dropped while building this batch (summed over the epoch)
+        skipped = float(batch.get("num_skipped", 0))
+        self.log("data/skipped_samples", skipped, reduce_fx="sum", on_epoch=True, batch_size=n)
+        self._log_loss_by_timestep("train", losses, t)
+        if self._is_logging_step():
+            # host syncs happen here only: the progress bar value and the non-finite step check
+            self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)
+            self.log("train/skipped_nonfinite_steps", float(self.nonfinite_guard.skipped_steps()))
+            self.nonfinite_guard.check()
+        return loss
+
+    def _is_logging_step(self) -> bool:
+        return self._trainer is None or (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def _log_loss_by_timestep(self, stage: str, losses: torch.Tensor, t: torch.Tensor) -> None:
+        bins = (t * NUM_TIMESTEP_BINS) // self.schedule.num_timesteps
+        onehot = nn.functional.one_hot(bins, NUM_TIMESTEP_BINS).to(losses.dtype)
+        sums, counts = losses @ onehot, onehot.sum(0)
+        for i in range(NUM_TIMESTEP_BINS):
+            # weighted by the bin's count, so the epoch average is the true per-sample mean of the bin
+            mean = sums[i] / counts[i].clamp(min=1)
+            self.log(f"{stage}/loss_t_q{i + 1}", mean, batch_size=1, sync_dist=stage == "val")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite_guard.arm(optimizer, self.trainable.parameters())
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows each real optimizer step (once per accumulated batch), and before
+        # ModelCheckpoint saves, so a mid-run checkpoint holds the EMA of its own step
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.trainable)
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._ema_scope = self.ema_weights()
+        self._ema_scope.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_scope.__exit__(None, None, None)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # fixed noise and timesteps per batch, so validation losses are comparable across the run
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        losses, t = self.diffusion_losses(batch, generator=generator)
+        self.log("val/loss", losses.mean(), batch_size=losses.shape[0], sync_dist=True, prog_bar=True)
+        self._log_loss_by_timestep("val", losses, t)
+
+    def ema_weights(self):
+        """Context in which the trainable weights are the EMA weights (a no-op without EMA)."""
+        return self.ema.swap(self.trainable) if self.ema is not None else nullcontext()
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        conditions: Sequence[str] | torch.Tensor | None = None,
+        num_samples: int | None = None,
+        *,
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        cfg_scale: float = 5.0,
+        seed: int = 0,
+        seed_offset: int = 0,
+        image_size: int | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models).
+
+        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
+        n = len(conditions) if conditions is not None else num_samples
+        if n is None:
+            raise ValueError("generate() needs `conditions` (prompts or class labels) or `num_samples`.")
+        size = (image_size or self.hparams.image_size) // self.first_stage.downsampling_factor
+        shape = (n, self.first_stage.embed_dim, size, size)
+        if isinstance(conditions, torch.Tensor):
+            conditions = conditions.to(self.device)
+        cond = self.conditioner(conditions, drop_mask=None)
+        uncond = None
+        if cfg_scale != 1.0 and self.conditioner.batch_key is not None:
+            uncond = self.conditioner(conditions, drop_mask=torch.ones(n, dtype=torch.bool, device=self.device))
+        init_latent = self.encode(init_images.to(self.device)) if init_images is not None else None
+        latents = sample(
+            lambda x, t, c: self.unet(x, t, **c),
+            self.schedule,
+            shape,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            cond=cond,
+            uncond=uncond,
+            cfg_scale=cfg_scale,
+            prediction_type=self.hparams.prediction_type,
+            generators=make_generators(seed + seed_offset, n),  # CPU generators: same samples on any device
+            init_latent=init_latent,
+            strength=strength,
+            progress=progress,
+            device=self.device,
+        )
+        return self.decode(latents).clamp(-1, 1)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        lr = self.hparams.learning_rate
+        if self.hparams.scale_lr:
+            lr *= global_batch_size(self.trainer, self.hparams.batch_size)
+        optimizer = torch.optim.AdamW(
+            self.trainable.parameters(),
+            lr=lr,
+            betas=tuple(self.hparams.adam_betas),
+            weight_decay=self.hparams.weight_decay,
+            fused=True,
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))
+
+
+def _check_first_stage(first_stage: KLAutoencoder, unet: dict, ckpt: str | None, factor: int | None) -> None:
+    if factor is not None and first_stage.downsampling_factor != factor:
+        raise ValueError(
+            f"The stage-1 model {ckpt} has downsampling factor f={first_stage.downsampling_factor}, but this "
+            f"experiment expects f={factor}. Pass a stage-1 checkpoint of ae_kl_f{factor}, or use the "
+            f"experiment ldm_f{first_stage.downsampling_factor}_* that matches it."
+        )
+    if unet["in_channels"] != first_stage.embed_dim:
+        raise ValueError(
+            f"The stage-1 model {ckpt} makes latents with {first_stage.embed_dim} channels (f="
+            f"{first_stage.downsampling_factor}), but model.unet.in_channels={unet['in_channels']}. Pass "
+            f"model.unet.in_channels={first_stage.embed_dim}, or a stage-1 checkpoint with "
+            f"{unet['in_channels']} latent channels."
+        )
+

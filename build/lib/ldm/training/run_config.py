@@ -1,0 +1,36 @@
+"""Run-level config helpers: the identity of a config (cache keys) and `ckpt_path=last`."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra")) -> str:
+    """A short stable hash of a resolved config, ignoring where things are written."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    for key in exclude:
+        container.pop(key, None)
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
+    """`last` means the newest `checkpoints/last.ckpt` among this task's runs; paths must exist."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        # runs/<time>/checkpoints and multiruns/<time>/<job>/checkpoints (a file, or an FSDP sharded dir)
+        pattern = os.path.join(log_dir, task_name, "**", "checkpoints", "last.ckpt")
+        candidates = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
+        if not candidates:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoint matches {pattern}. Train first, or pass ckpt_path=PATH."
+            )
+        return candidates[-1]
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Pass an existing .ckpt or `last`.")
+    return ckpt_path
