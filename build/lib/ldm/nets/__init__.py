@@ -1,1 +1,0 @@
-"""Pure `nn.Module`s: they know nothing of Lightning or Hydra."""
