@@ -41,7 +41,7 @@ TINY_MODEL = dict(
                      norm_groups=8),
     image_size=RESOLUTION, scale_factor=0.5, ema_decay=0.9, learning_rate=1e-3, warmup_steps=0,
 )
-REQUIRED_KEYS = {"fid", "fid_name", "precision", "recall", "density", "coverage", "is_mean", "is_std", "num_samples",
+REQUIRED_KEYS = {"fid", "fid_name", "kid", "kid_std", "kid_name", "precision", "recall", "density", "coverage", "is_mean", "is_std", "num_samples",
                  "num_real", "features", "k", "prompt_fidelity_color", "prompt_fidelity_shape",
                  "prompt_fidelity_position", "prompt_fidelity_all"}
 
@@ -104,6 +104,7 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     metrics = read_metrics(tmp_path / "same")
     assert REQUIRED_KEYS <= metrics.keys()
     assert abs(metrics["fid"]) < 1e-2
+    assert metrics["kid_name"] == "KID_shapes_cnn" and metrics["kid"] <= 1e-9  # identical sets: MMD²_u <= 0
     assert metrics["precision"] == metrics["recall"] == metrics["coverage"] == 1.0
     assert metrics["fid_name"] == "FID_shapes_cnn" and metrics["features"]["network"] == "shapes_cnn"
     assert metrics["features"]["dim"] == 256 and metrics["num_samples"] == metrics["num_real"] == 24

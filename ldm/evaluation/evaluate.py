@@ -40,6 +40,7 @@ from ldm.metrics import (
     reference_identity,
     reference_statistics,
 )
+from ldm.metrics.kid import kernel_inception_distance
 from ldm.metrics.shapes_classifier import HEADS
 from ldm.utils.devices import autocast_dtype, resolve_device
 
@@ -136,6 +137,7 @@ def evaluate_images(
     is_mean, is_std = inception_score(logits, splits=is_splits) if logits is not None else (None, None)
     return {
         "fid": frechet_distance(reference.mu, reference.sigma, mu, sigma), "fid_name": fid_name,
+        **_kid(reference.features, fake, fid_name),
         "precision": precision, "recall": recall, "density": density, "coverage": coverage,
         "is_mean": is_mean, "is_std": is_std, "is_name": is_name if logits is not None else None,
         "is_splits": is_splits if logits is not None else None,
@@ -145,6 +147,14 @@ def evaluate_images(
         "reference": {"statistics": reference.path, "cache_hit": reference.cache_hit,
                       "num_real_precision_recall": len(reference.features)},
     }
+
+
+def _kid(real: torch.Tensor, fake: torch.Tensor, fid_name: str) -> dict[str, Any]:
+    """KID (unbiased, with its std over subsets) on the same features as the FID: `KID` beside `FID`, `KID_CLIP`
+    beside `FID_CLIP`, ..., so the name says what the features were."""
+    mean, std, subset_size = kernel_inception_distance(real, fake)
+    return {"kid": mean, "kid_std": std, "kid_name": "K" + fid_name[1:],
+            "kid_subset_size": subset_size}
 
 
 def _prompt_fidelity(extractor: FeatureExtractor, features: torch.Tensor,
@@ -276,7 +286,7 @@ def check_sample_count(num_samples: int, options: EvaluationOptions) -> None:
 
 
 # ------------------------------------------------------------------------------------ reports
-REPORT_ROWS = ("fid", "precision", "recall", "density", "coverage", "is_mean", "is_std",
+REPORT_ROWS = ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std",
                "prompt_fidelity_color", "prompt_fidelity_shape", "prompt_fidelity_position", "prompt_fidelity_all",
                "num_samples", "num_real", "k")
 
@@ -293,7 +303,8 @@ def write_report(metrics: Mapping[str, Any], out: str) -> None:
 def markdown_table(metrics: Mapping[str, Any]) -> str:
     """One `| metric | value |` table; FID and IS rows carry their feature-specific names."""
     names = {"fid": metrics.get("fid_name") or "fid", "is_mean": f"{metrics.get('is_name') or 'IS'} mean",
-             "is_std": f"{metrics.get('is_name') or 'IS'} std"}
+             "is_std": f"{metrics.get('is_name') or 'IS'} std", "kid": metrics.get("kid_name") or "kid",
+             "kid_std": f"{metrics.get('kid_name') or 'kid'} std"}
     features = metrics.get("features", {})
     rows = [(names.get(key, key), _format(metrics.get(key))) for key in REPORT_ROWS]
     rows.append(("features", f"{features.get('network')} / {features.get('layer')} ({features.get('dim')}-d)"))
