@@ -272,3 +272,31 @@ def test_callback_missing_weights_stop_the_run_before_training(tmp_path, monkeyp
     with pytest.raises(WeightsUnavailableError, match="features.weights_path="):
         trainer.fit(LatentDiffusion(**TINY_MODEL), datamodule=CaptionedShapes())
     assert trainer.global_step == 0
+
+
+# ------------------------------------------------------------------------------------ sweeps over sampling settings
+@pytest.mark.slow
+def test_sweep_equals_single_runs_shares_seeds_and_plots(tmp_path, classifier_path, shapes_folders, tiny_ckpt):
+    common = [f"ckpt={tiny_ckpt}", f"real_dir={shapes_folders['real']}", "num_samples=8", "steps=2", "sampler=ddim",
+              *shapes_cnn(classifier_path, tmp_path / "cache")]
+    swept = run_evaluate(*common, "sweep.cfg_scale=[1,3]", "sweep.sampler=[ddim,dpmpp_2m]", f"out={tmp_path / 'sweep'}")
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    with open(tmp_path / "sweep" / "sweep.json") as handle:
+        records = json.load(handle)["settings"]
+    assert [(r["setting"]["sampler"], r["setting"]["cfg_scale"]) for r in records] == [
+        ("ddim", 1), ("dpmpp_2m", 1), ("ddim", 3), ("dpmpp_2m", 3)]  # product in sweep.* key order
+    assert os.path.getsize(tmp_path / "sweep" / "sweep.png") > 0
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert table.count("\n| ddim |") == 2 and "KID_shapes_cnn" in table
+    seeds = []
+    for record in records:
+        with open(os.path.join(record["samples_dir"], "samples.json")) as handle:
+            seeds.append([sample["seed"] for sample in json.load(handle)])
+        low, high = record["precision_interval"]
+        assert low <= high and 0.0 <= low and high <= 1.0
+    assert all(s == seeds[0] for s in seeds) and len(seeds[0]) == 8
+    single = run_evaluate(*common, "cfg_scale=3", f"out={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "single")
+    for key in ("fid", "kid", "precision", "recall", "density", "coverage", "prompt_fidelity_color"):
+        assert records[2][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key

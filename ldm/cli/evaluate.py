@@ -14,8 +14,11 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.evaluation.evaluate import evaluate
+from ldm.evaluation.evaluate import EvaluationOptions, evaluate
+from ldm.evaluation.image_sources import reference_images
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
+from ldm.evaluation.sweep import sweep_checkpoint
+from ldm.inference.sampling import SamplerSettings
 from ldm.metrics import WeightsUnavailableError
 
 log = logging.getLogger("evaluate")
@@ -30,6 +33,9 @@ def main(cfg: DictConfig) -> None:
         if cfg.report:
             log.info("report -> %s", report_of_runs(cfg))
             return
+        if any(cfg.sweep.values()):
+            log.info("sweep -> %s", sweep_of_settings(cfg))
+            return
         metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
                            **{key: cfg[key] for key in SETTINGS})
     except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
@@ -37,6 +43,22 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     log.info("%s = %.4f, precision = %.4f, recall = %.4f -> %s/metrics.json",
              metrics["fid_name"], metrics["fid"], metrics["precision"], metrics["recall"], cfg.out)
+
+
+def sweep_of_settings(cfg: DictConfig) -> str:
+    """`sweep.cfg_scale=[...] sweep.steps=[...] sweep.sampler=[...]`: one checkpoint at every combination."""
+    if not cfg.ckpt:
+        raise ValueError("a sweep samples a checkpoint: pass ckpt=PATH with the sweep.* lists.")
+    settings = {key: cfg[key] for key in SETTINGS}
+    options = EvaluationOptions(features=OmegaConf.to_container(cfg.features, resolve=True), k=cfg.k,
+                                density_k=cfg.density_k, num_real=cfg.num_real, cache_dir=cfg.cache_dir,
+                                batch_size=cfg.feature_batch_size, device=cfg.device)
+    base = SamplerSettings(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+    grid = {key: list(values) for key, values in cfg.sweep.items() if values}
+    sweep_checkpoint(cfg.ckpt, reference_images(cfg.get("data"), settings["real_dir"]), cfg.out, grid,
+                     num_samples=cfg.num_samples, base=base, options=options, batch_size=cfg.batch_size,
+                     use_ema=cfg.use_ema, precision=cfg.precision)
+    return os.path.join(cfg.out, "sweep.md")
 
 
 def report_of_runs(cfg: DictConfig) -> str:

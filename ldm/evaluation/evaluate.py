@@ -126,6 +126,14 @@ def evaluate_images(
     total = len(images) if isinstance(images, torch.Tensor) else None
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     fake = extract_features(extractor, batches, "generated features", total)
+    return metrics_of_features(fake, reference, extractor, k=k, density_k=density_k, captions=captions)
+
+
+def metrics_of_features(
+    fake: torch.Tensor, reference: ReferenceStatistics, extractor: FeatureExtractor, *, k: int = 3,
+    density_k: int = 5, captions: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """`evaluate_images` for features already extracted (by `extractor`) from the generated images."""
     described = extractor.describe()
     network = described.pop("name")
     fid_name, is_name = extractor.metric_names()
@@ -210,7 +218,7 @@ def evaluate_checkpoint(
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
     conditions = evaluation_conditions(model, num_samples, reference.captions)
-    extractor, statistics = _features_and_reference(reference, model.hparams.image_size, options)
+    extractor, statistics = features_and_reference(reference, model.hparams.image_size, options)
     samples_dir = os.path.join(out, "samples")
     generate_to_dir(model, conditions, samples_dir, settings, batch_size=batch_size, ckpt=ckpt, autocast_dtype=dtype)
     metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options)
@@ -230,7 +238,7 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
     check_sample_count(len(fake.files), options)
     with Image.open(os.path.join(fake.path, fake.files[0])) as first_image:
         image_size = first_image.size[1]
-    extractor, statistics = _features_and_reference(reference, image_size, options)
+    extractor, statistics = features_and_reference(reference, image_size, options)
     metrics = _evaluate_folder_against(fake, statistics, extractor, options)
     metrics["fake_dir"] = fake.path
     write_report(metrics, out)
@@ -263,7 +271,7 @@ def checkpoint_global_step(path: str) -> int | None:
     return checkpoint.get("global_step")
 
 
-def _features_and_reference(reference: ImageSource, image_size: int,
+def features_and_reference(reference: ImageSource, image_size: int,
                             options: EvaluationOptions) -> tuple[FeatureExtractor, ReferenceStatistics]:
     extractor = build_features(options.features, reference_is_shapes=reference.is_shapes, image_size=image_size,
                                cache_dir=options.cache_dir, device=resolve_device(options.device))

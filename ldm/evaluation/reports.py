@@ -214,7 +214,7 @@ def markdown_report(rows: Sequence[RunSummary], report: dict[str, Any]) -> str:
         lines += [f"![{fid_name} vs steps](fid_vs_steps.png)", ""]
     if report["samples"]:
         sampling = report["sampling"]
-        lines += [f"![samples](samples.png)", "",
+        lines += ["![samples](samples.png)", "",
                   f"One row per factor; prompts {sampling['prompts']}; sampler {sampling['sampler']}, "
                   f"{sampling['steps']} steps, cfg {sampling['cfg_scale']}, seeds {sampling['seed']}+i.", ""]
     return "\n".join(lines)
