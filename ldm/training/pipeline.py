@@ -16,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm.loading.checkpoints import build_model, init_from
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.distributed import cluster_plugins
+from ldm.training.loggers import build_loggers, git_commit, log_run_config
 from ldm.training.preemption import (
     exit_status_on_preemption,
     fault_tolerance_callbacks,
     find_resume_checkpoint,
 )
-from ldm.training.run_config import resolve_ckpt_path
+from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
 from ldm.utils.ranks import is_global_zero_from_env
 
@@ -44,6 +45,13 @@ def train(cfg: DictConfig) -> TrainResult:
     if needs_first_stage(cfg.model):
         with open_dict(cfg):
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg, train)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    continued = run_dir_of(ckpt_path)
+    if continued is not None and continued != os.path.abspath(cfg.paths.output_dir):
+        log.info("Continuing the run in %s (its metrics.csv, images and wandb run; this launch's Hydra log is in %s)",
+                 continued, cfg.paths.output_dir)
+        with open_dict(cfg):
+            cfg.paths.output_dir = continued
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
     if is_global_zero_from_env():  # DDP ranks share the run directory
@@ -57,11 +65,11 @@ def train(cfg: DictConfig) -> TrainResult:
     check_gradient_clipping(model, cfg.trainer)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += fault_tolerance_callbacks(cfg.seed, output_dir)
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg.get("logger"), output_dir)
+    log_run_config(loggers, cfg, {"git_commit": git_commit(), **parameter_counts(model)})
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()]
     )
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if ckpt_path is None and (ckpt_path := find_resume_checkpoint(output_dir)):
         log.info("Resuming the interrupted run in %s from %s", output_dir, ckpt_path)
     with exit_status_on_preemption():
@@ -73,6 +81,11 @@ def train(cfg: DictConfig) -> TrainResult:
     if trainer.is_global_zero:
         run_after_training(cfg.get("after_training"), last_ckpt, output_dir)
     return TrainResult(output_dir=output_dir, last_ckpt=last_ckpt, trainer=trainer)
+
+
+def parameter_counts(model: pl.LightningModule) -> dict[str, int]:
+    return {"params_total": sum(p.numel() for p in model.parameters()),
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def check_gradient_clipping(model: pl.LightningModule, trainer_cfg: DictConfig) -> None:

@@ -19,18 +19,27 @@ def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hy
 
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
-    """`last` means the newest `checkpoints/last.ckpt` among this task's runs; paths must exist."""
+    """`last` means the newest `runs/<time>/checkpoints/last.ckpt` of this task (never a sweep trial's: pass its
+    path to continue one); other paths must exist."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        # runs/<time>/checkpoints and multiruns/<time>/<job>/checkpoints (a file, or an FSDP sharded dir)
-        pattern = os.path.join(log_dir, task_name, "**", "checkpoints", "last.ckpt")
-        candidates = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
+        pattern = os.path.join(log_dir, task_name, "runs", "*", "checkpoints", "last.ckpt")  # a file or FSDP dir
+        candidates = sorted(glob.glob(pattern), key=os.path.getmtime)
         if not candidates:
             raise FileNotFoundError(
-                f"ckpt_path=last: no checkpoint matches {pattern}. Train first, or pass ckpt_path=PATH."
+                f"ckpt_path=last: no checkpoint matches {pattern}. Train first, or pass ckpt_path=PATH (e.g. a sweep "
+                "trial's <multirun dir>/<job>/checkpoints/last.ckpt)."
             )
         return candidates[-1]
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Pass an existing .ckpt or `last`.")
     return ckpt_path
+
+
+def run_dir_of(checkpoint: str | None) -> str | None:
+    """The run directory a checkpoint was written into (`<run dir>/checkpoints/<file>`), else None."""
+    if checkpoint is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
