@@ -114,7 +114,7 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     assert "| FID_shapes_cnn |" in (tmp_path / "same" / "metrics.md").read_text()
 
     out = tmp_path / "ckpt"
-    second = run_evaluate(f"ckpt={tiny_ckpt}", "num_samples=6", "steps=2", "batch_size=4", "cfg_scale=3",
+    second = run_evaluate(f"ckpt={tiny_ckpt}", "num_samples=6", "sampling.steps=2", "batch_size=4", "sampling.cfg_scale=3",
                           f"real_dir={shapes_folders['real']}", *shapes_cnn(classifier_path, cache), f"out={out}")
     assert second.returncode == 0, second.stderr
     assert "reference statistics: cache hit" in second.stdout + second.stderr
@@ -245,7 +245,7 @@ class CaptionedShapes(pl.LightningDataModule):
 
 def test_callback_logs_metrics_at_each_evaluation_step(tmp_path, classifier_path):
     torch.manual_seed(0)
-    callback = EvaluationCallback(every_n_steps=2, num_samples=6, steps=2, batch_size=4, cfg_scale=3.0,
+    callback = EvaluationCallback(every_n_steps=2, num_samples=6, sampling={"steps": 2, "cfg_scale": 3.0}, batch_size=4,
                                   features={"name": "shapes_cnn", "weights_path": classifier_path},
                                   num_real=12, cache_dir=str(tmp_path / "cache"))
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv", version=""),
