@@ -22,7 +22,7 @@ from ldm.diffusion.settings import SamplerSettings
 from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
-from ldm.models.optimization import global_batch_size
+from ldm.models.optimization import effective_learning_rate
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import KLAutoencoder
 
@@ -244,9 +244,8 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        lr = self.hparams.learning_rate
-        if self.hparams.scale_lr:
-            lr *= global_batch_size(self.trainer, self.hparams.batch_size)
+        lr = effective_learning_rate(self.hparams.learning_rate, self.hparams.scale_lr, self._trainer,
+                                     self.hparams.batch_size)
         optimizer = torch.optim.AdamW(
             self.trainable.parameters(),
             lr=lr,
