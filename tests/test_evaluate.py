@@ -115,6 +115,7 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
 
     out = tmp_path / "ckpt"
     second = run_evaluate(f"ckpt={tiny_ckpt}", "num_samples=6", "sampling.steps=2", "batch_size=4", "sampling.cfg_scale=3",
+                          "diagnostics=true", "diagnostics_samples=8",
                           f"real_dir={shapes_folders['real']}", *shapes_cnn(classifier_path, cache), f"out={out}")
     assert second.returncode == 0, second.stderr
     assert "reference statistics: cache hit" in second.stdout + second.stderr
@@ -129,6 +130,10 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     pngs = {name for name in os.listdir(out / "samples") if name.endswith(".png")}
     assert pngs == {f"{i:05d}.png" for i in range(6)} | {"grid.png"}  # grid.png is not evaluated (6 samples)
     assert metrics["prompt_fidelity_all"] is not None
+    diagnostics = metrics["diagnostics"]  # diagnostics=true: beside the sample metrics, in both files
+    assert diagnostics["num_samples"] == 8 and diagnostics["signal_leak"]["t"] == 501  # DDIM, 2 leading steps: 500 + 1
+    assert set(diagnostics["caption_sensitivity"]["x0_gap"]) == {"shuffled", "color", "shape", "position"}
+    assert "caption gap color" in (out / "metrics.md").read_text()
 
 
 def test_data_config_reference_picks_shapes_features(tmp_path, classifier_path, shapes_folders):
