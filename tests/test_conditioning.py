@@ -2,12 +2,14 @@
 fast offline failure, class-label validation, and the classifier-free-guidance dropout rate."""
 import json
 import math
+import os
 import socket
 
 import huggingface_hub
 import open_clip
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 import ldm.models.conditioners as conditioning
@@ -220,3 +222,32 @@ def test_drop_mask_edges_and_reproducibility():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         drop_mask(4, 1.5)
+
+
+# ---------------------------------------------------------------- padding mask, SD 1.x end-of-text padding
+def test_padding_mask_marks_the_tokens_up_to_end_of_text():
+    torch.manual_seed(0)
+    encoder = TextTransformer(width=32, layers=1, heads=2, padding_mask=True)
+    out = encoder(["a red circle", ""], drop_mask=torch.tensor([False, False]))
+    mask = out["context_mask"]
+    assert mask.shape == (2, 77) and mask.dtype == torch.bool
+    assert mask[0].sum() == 5 and mask[0, :5].all()  # <start> a red circle <end>
+    assert mask[1].sum() == 2  # the empty prompt: <start> <end>
+    dropped = encoder(["a red circle"], drop_mask=torch.tensor([True]))
+    assert dropped["context_mask"].sum() == 2  # a dropped row gets the empty prompt's mask too
+    assert "context_mask" not in TextTransformer(width=32, layers=1, heads=2)(["a red circle"])  # off: SD parity
+
+
+def test_sd1_preset_pads_prompts_with_end_of_text(tiny_clip, repo_root):
+    with initialize_config_dir(config_dir=os.path.join(repo_root, "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=ldm_f8_text", "model=sd1"])
+    assert cfg.model.conditioner.pad_token_id == 49407
+    encoder = FrozenOpenCLIP(tiny_clip, pretrained=None, pad_token_id=cfg.model.conditioner.pad_token_id)
+    tokens = encoder.tokenize(["a red circle"])
+    words = open_clip.get_tokenizer(tiny_clip)(["a red circle"])[0, 1:4].tolist()
+    assert tokens[0].tolist() == [49406, *words] + [49407] * 73  # SD 1.x's CLIPTokenizer(padding="max_length")
+    assert encoder.null_tokens[0].tolist() == [49406] + [49407] * 76
+    ids = torch.tensor([[49406, *words, 49407] + [0] * 72])  # ready-made zero-padded ids are padded the same way
+    assert torch.equal(encoder.tokenize(ids), tokens)
+    sd2 = FrozenOpenCLIP(tiny_clip, pretrained=None)  # open_clip's own padding (SD 2.x): zeros
+    assert sd2.tokenize(["a red circle"])[0, 5:].eq(0).all()

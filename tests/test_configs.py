@@ -1,12 +1,16 @@
 """Every experiment composes, the size presets shrink networks without changing their structure,
 and a mistyped key is a clear error."""
 import os
+from types import SimpleNamespace
 
+import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
+from ldm.diffusion.settings import SamplerSettings
+from ldm.models.optimization import effective_learning_rate
 from ldm.training.run_config import config_hash, resolve_ckpt_path
 from ldm.training.stages import first_stage_config
 
@@ -113,3 +117,44 @@ def test_first_stage_reads_the_parent_data_set_with_its_own_batch_size_and_overr
     assert stage1.data.num_workers == 0 and stage1.trainer.max_steps == 7  # explicit first_stage.overrides
     assert stage1.data.num_train == 500 and stage1.data.root == parent.data.root  # the parent's data set
     assert stage1.model.vae.ch_mult == [1, 2, 4]  # quickstart's f=4 first stage
+
+
+@pytest.mark.parametrize("factor", [4, 8, 16])
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_paper_text_experiments_train_at_the_target_rate_whatever_the_batch(factor, world_size):
+    """CompVis' txt2img base_learning_rate 5e-5 is the rate itself (scale_lr false), not 5e-5 x 32 x GPUs."""
+    cfg = compose_train([f"experiment=ldm_f{factor}_text", "size=paper"])
+    trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=2)
+    rate = effective_learning_rate(cfg.model.learning_rate, cfg.model.scale_lr, trainer, cfg.model.batch_size)
+    assert rate == 5e-5
+    assert cfg.model.weight_decay == 0.01  # CompVis: torch.optim.AdamW's default
+    # scale_lr keeps CompVis' per-sample semantics: base x batch x devices x accumulation
+    assert effective_learning_rate(1e-6, True, trainer, 32) == pytest.approx(1e-6 * 32 * world_size * 2)
+
+
+def test_one_sampling_group_feeds_grids_evaluation_and_after_training():
+    cfg = compose_train(["experiment=quickstart", "callbacks=[ldm,evaluation]"])
+    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    assert sampling["sampler"] == "dpmpp_2m" and sampling["steps"] == 20  # quickstart: sampling=fast
+    for node in (cfg.callbacks.sample_grid.sampling, cfg.callbacks.evaluation.sampling,
+                 cfg.after_training.samples.sampling, cfg.after_training.evaluation.sampling):
+        assert OmegaConf.to_container(node, resolve=True) == sampling
+    grid = hydra.utils.instantiate(cfg.callbacks.sample_grid)
+    assert grid.settings == SamplerSettings.of(sampling)
+    zero_snr = compose_train(["experiment=quickstart", "sampling=zero_snr", "sampling.steps=30"])
+    settings = SamplerSettings.of(OmegaConf.to_container(zero_snr.sampling, resolve=True))
+    assert (settings.timestep_spacing, settings.steps_offset, settings.guidance_rescale, settings.steps) == (
+        "trailing", 0, 0.7, 30)
+    assert SamplerSettings.of(OmegaConf.to_container(compose_train([]).sampling)) == SamplerSettings(
+        "dpmpp_2m", 20, cfg_scale=3.0)
+    assert SamplerSettings.of(OmegaConf.to_container(
+        compose_train(["experiment=ldm_f8_text"]).sampling)) == SamplerSettings()  # the group's default = the class's
+
+
+def test_sampling_configs_of_every_entry_point_are_the_group(repo_root):
+    for config_name in ("sample", "evaluate", "export"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=["ckpt=x", "out=y", "sampling.timestep_spacing=linspace"])
+        assert SamplerSettings.of(OmegaConf.to_container(cfg.sampling)).timestep_spacing == "linspace"
+        for key in ("sampler", "steps", "cfg_scale", "eta"):  # restated nowhere else
+            assert key not in cfg

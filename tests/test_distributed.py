@@ -41,7 +41,7 @@ HARD_TIMEOUT_S = 300
 TINY_DATA = ["data.resolution=32", "data.num_train=32", "data.num_val=8", "data.samples_per_shard=8",
              "data.batch_size=4"]
 TINY_LDM = ["model.unet.channel_mult=[1,2]", "model.unet.attention_resolutions=[1,2]",
-            "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2",
+            "callbacks.sample_grid.every_n_steps=2", "sampling.steps=2",
             "callbacks.sample_grid.samples_per_condition=1"]
 CPU_RUN = ["size=tiny", "trainer.precision=32-true", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
 

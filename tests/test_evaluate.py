@@ -114,7 +114,8 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     assert "| FID_shapes_cnn |" in (tmp_path / "same" / "metrics.md").read_text()
 
     out = tmp_path / "ckpt"
-    second = run_evaluate(f"ckpt={tiny_ckpt}", "num_samples=6", "steps=2", "batch_size=4", "cfg_scale=3",
+    second = run_evaluate(f"ckpt={tiny_ckpt}", "num_samples=6", "sampling.steps=2", "batch_size=4", "sampling.cfg_scale=3",
+                          "diagnostics=true", "diagnostics_samples=8",
                           f"real_dir={shapes_folders['real']}", *shapes_cnn(classifier_path, cache), f"out={out}")
     assert second.returncode == 0, second.stderr
     assert "reference statistics: cache hit" in second.stdout + second.stderr
@@ -129,6 +130,10 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     pngs = {name for name in os.listdir(out / "samples") if name.endswith(".png")}
     assert pngs == {f"{i:05d}.png" for i in range(6)} | {"grid.png"}  # grid.png is not evaluated (6 samples)
     assert metrics["prompt_fidelity_all"] is not None
+    diagnostics = metrics["diagnostics"]  # diagnostics=true: beside the sample metrics, in both files
+    assert diagnostics["num_samples"] == 8 and diagnostics["signal_leak"]["t"] == 501  # DDIM, 2 leading steps: 500 + 1
+    assert set(diagnostics["caption_sensitivity"]["x0_gap"]) == {"shuffled", "color", "shape", "position"}
+    assert "caption gap color" in (out / "metrics.md").read_text()
 
 
 def test_data_config_reference_picks_shapes_features(tmp_path, classifier_path, shapes_folders):
@@ -245,7 +250,7 @@ class CaptionedShapes(pl.LightningDataModule):
 
 def test_callback_logs_metrics_at_each_evaluation_step(tmp_path, classifier_path):
     torch.manual_seed(0)
-    callback = EvaluationCallback(every_n_steps=2, num_samples=6, steps=2, batch_size=4, cfg_scale=3.0,
+    callback = EvaluationCallback(every_n_steps=2, num_samples=6, sampling={"steps": 2, "cfg_scale": 3.0}, batch_size=4,
                                   features={"name": "shapes_cnn", "weights_path": classifier_path},
                                   num_real=12, cache_dir=str(tmp_path / "cache"))
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv", version=""),
@@ -277,7 +282,7 @@ def test_callback_missing_weights_stop_the_run_before_training(tmp_path, monkeyp
 # ------------------------------------------------------------------------------------ sweeps over sampling settings
 @pytest.mark.slow
 def test_sweep_equals_single_runs_shares_seeds_and_plots(tmp_path, classifier_path, shapes_folders, tiny_ckpt):
-    common = [f"ckpt={tiny_ckpt}", f"real_dir={shapes_folders['real']}", "num_samples=8", "steps=2", "sampler=ddim",
+    common = [f"ckpt={tiny_ckpt}", f"real_dir={shapes_folders['real']}", "num_samples=8", "sampling.steps=2", "sampling.sampler=ddim",
               *shapes_cnn(classifier_path, tmp_path / "cache")]
     swept = run_evaluate(*common, "sweep.cfg_scale=[1,3]", "sweep.sampler=[ddim,dpmpp_2m]", f"out={tmp_path / 'sweep'}")
     assert swept.returncode == 0, swept.stderr[-3000:]
@@ -295,7 +300,7 @@ def test_sweep_equals_single_runs_shares_seeds_and_plots(tmp_path, classifier_pa
         low, high = record["precision_interval"]
         assert low <= high and 0.0 <= low and high <= 1.0
     assert all(s == seeds[0] for s in seeds) and len(seeds[0]) == 8
-    single = run_evaluate(*common, "cfg_scale=3", f"out={tmp_path / 'single'}")
+    single = run_evaluate(*common, "sampling.cfg_scale=3", f"out={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     metrics = read_metrics(tmp_path / "single")
     for key in ("fid", "kid", "precision", "recall", "density", "coverage", "prompt_fidelity_color"):

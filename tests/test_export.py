@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from ldm.cli.export import export
 from ldm.diffusion.samplers import spaced_timesteps
+from ldm.diffusion.settings import SamplerSettings
 from ldm.loading import (
     load_any_first_stage,
     load_exported,
@@ -110,6 +111,31 @@ def test_scheduler_matches_our_schedule_and_sampler_grid(tiny_model, tmp_path):
     torch.testing.assert_close(scheduler.alphas_cumprod.float(), tiny_model.schedule.alphas_cumprod)
     scheduler.set_timesteps(50)
     assert scheduler.timesteps.tolist() == list(spaced_timesteps(1000, 50, "leading", steps_offset=1))
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)])
+def test_scheduler_follows_the_sampling_settings_and_a_zero_snr_schedule(sampler, scheduler_cls, tmp_path):
+    model = LatentDiffusion(**{**TINY_MODEL, "schedule": {"zero_terminal_snr": True}})
+    settings = SamplerSettings(sampler, steps=25, timestep_spacing="trailing", steps_offset=0)
+    export_diffusers(model, str(tmp_path), sampling=settings)
+    scheduler = scheduler_cls.from_pretrained(str(tmp_path), subfolder="scheduler")
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == ["diffusers", scheduler_cls.__name__]
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    ours = model.schedule.alphas_cumprod
+    # diffusers' DPM-Solver stores alpha_bar_T = 2^-24 instead of 0 (see test_samplers.py); the rest is ours
+    torch.testing.assert_close(scheduler.alphas_cumprod[:-1].float(), ours[:-1], atol=1e-6, rtol=0)
+    assert ours[-1] == 0 and scheduler.alphas_cumprod[-1] <= 2.0**-24
+    scheduler.set_timesteps(25)
+    assert scheduler.timesteps.tolist() == spaced_timesteps(1000, 25, "trailing", 0)
+
+
+def test_export_refuses_what_diffusers_cannot_represent(tmp_path):
+    positional = LatentDiffusion(**{**TINY_MODEL, "unet": {**TINY_MODEL["unet"], "spatial_positional_embedding": True}})
+    with pytest.raises(ValueError, match="spatial_positional_embedding"):
+        export_diffusers(positional, str(tmp_path / "a"))
+    masked = LatentDiffusion(**{**TINY_MODEL, "conditioner": {**TINY_MODEL["conditioner"], "padding_mask": True}})
+    not_exported = export_diffusers(masked, str(tmp_path / "b"))
+    assert any("encoder_attention_mask" in item for item in not_exported)
 
 
 def test_sd1_fixture_exports_to_diffusers_exactly(fixtures_dir, tmp_path):

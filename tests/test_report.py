@@ -98,7 +98,7 @@ def test_run_summary_reads_configs_checkpoints_logs_and_the_stage_one_run(fake_m
 
 def test_comparison_report_keeps_crashed_and_unfinished_runs(fake_multirun, tmp_path):
     out = str(tmp_path / "report")
-    report = compare_factors(fake_multirun["sweep"], out, prompts=["a red circle", "a blue square"], steps=2)
+    report = compare_factors(fake_multirun["sweep"], out, prompts=["a red circle", "a blue square"], sampling={"steps": 2})
     rows = {row["run"]: row for row in report["rows"]}
     assert rows["1_ldm_f8_text"]["status"].startswith("failed") and rows["1_ldm_f8_text"]["factor"] == 8
     assert rows["1_ldm_f8_text"]["fid"] is None and rows["1_ldm_f8_text"]["ae_params"] is None

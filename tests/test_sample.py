@@ -58,13 +58,15 @@ def run_sample(*overrides: str) -> subprocess.CompletedProcess:
 def test_sample_py_writes_pngs_grid_and_records(tmp_path, text_ckpt):
     out = tmp_path / "out"
     proc = run_sample(f"ckpt={text_ckpt}", "prompt=a red circle at the top left", "n=3", "batch_size=2",
-                      "sampler=dpmpp_2m", "steps=3", "cfg_scale=2", "seed=5", f"out={out}")
+                      "sampling.sampler=dpmpp_2m", "sampling.steps=3", "sampling.cfg_scale=2", "sampling.seed=5",
+                      "sampling.timestep_spacing=trailing", f"out={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads((out / "samples.json").read_text())
     assert [r["file"] for r in records] == ["00000.png", "00001.png", "00002.png"]
     assert [r["seed"] for r in records] == [5, 6, 7]
     assert all(r["prompt"] == "a red circle at the top left" and r["sampler"] == "dpmpp_2m" and r["steps"] == 3
-               and r["cfg_scale"] == 2 and r["eta"] == 0 and r["ckpt"] == text_ckpt for r in records)
+               and r["cfg_scale"] == 2 and r["eta"] == 0 and r["ckpt"] == text_ckpt
+               and r["timestep_spacing"] == "trailing" for r in records)
     with Image.open(out / "00001.png") as image:
         assert image.size == (32, 32)
     with Image.open(out / "grid.png") as grid:  # one row of n=3 images with 2-px padding
@@ -94,7 +96,7 @@ def test_ema_weights_are_the_default(text_ckpt):
 
 
 def test_class_model_samples_every_class_by_default(class_ckpt, tmp_path):
-    proc = run_sample(f"ckpt={class_ckpt}", "n=1", "steps=2", f"out={tmp_path}/out")
+    proc = run_sample(f"ckpt={class_ckpt}", "n=1", "sampling.steps=2", f"out={tmp_path}/out")
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert [r["class_label"] for r in records] == [0, 1, 2, 3, 4]
@@ -103,7 +105,7 @@ def test_class_model_samples_every_class_by_default(class_ckpt, tmp_path):
 @pytest.mark.parametrize("case, overrides, message", [
     ("prompt to a class model", ["prompt=a red circle"], "class-conditional model"),
     ("class to a text model", ["class_label=3"], "text-conditioned model"),
-    ("unknown sampler", ["prompt=a red circle", "sampler=euler"], "Unknown sampler 'euler'"),
+    ("unknown sampler", ["prompt=a red circle", "sampling.sampler=euler"], "Unknown sampler 'euler'"),
     ("autoencoder checkpoint", ["prompt=a red circle"], "stage-1 autoencoder checkpoint"),
     ("missing checkpoint", ["prompt=a red circle"], "Checkpoint not found"),
 ])

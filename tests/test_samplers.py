@@ -1,4 +1,5 @@
-"""Samplers: step-by-step parity with diffusers' schedulers, guidance, reproducibility, img2img.
+"""Samplers: step-by-step parity with diffusers' schedulers (every sampler x every timestep spacing, zero-terminal-SNR
+schedules, the full 1000-step DDPM chain), guidance and its rescale, reproducibility, img2img.
 
 The parity runs use float64 latents and a fixed deterministic denoiser: the Bayes-optimal eps for
 Gaussian data plus a small fixed random conv term, so latents stay O(1) like a trained model's.
@@ -9,9 +10,11 @@ float32 inside each step.
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 
 from ldm.diffusion.samplers import (
     SAMPLERS,
+    TIMESTEP_SPACINGS,
     guided_denoiser,
     make_generators,
     randn_per_sample,
@@ -21,29 +24,37 @@ from ldm.diffusion.samplers import (
 from ldm.diffusion.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012)
+ZERO_SNR = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012, zero_terminal_snr=True)
 DIFFUSERS_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 4, 6, 6)
 _CONV = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
 
 
 class Denoiser:
-    """A deterministic eps- or v-model that records its calls (input batch size, x_t, t)."""
+    """A deterministic eps- or v-model that records its calls (input batch size, x_t, t).
 
-    def __init__(self, prediction_type: str = "eps") -> None:
-        self.prediction_type = prediction_type
+    Its fixed non-optimal term is added to eps, or (`x0_space`, for zero-terminal-SNR schedules, where
+    x0 from eps divides by sqrt(alpha_bar) = 0) to x0."""
+
+    def __init__(self, prediction_type: str = "eps", schedule: NoiseSchedule = SCHEDULE, x0_space: bool = False) -> None:
+        self.prediction_type, self.schedule, self.x0_space = prediction_type, schedule, x0_space
         self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         self.calls.append((x.shape[0], x.clone(), t.clone()))
-        ab = SCHEDULE.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
-        optimal = (1 - ab).sqrt() * x / (0.25 * ab + 1 - ab)  # E[eps | x_t] for x0 ~ N(0, 0.5^2)
+        ab = self.schedule.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
         time_term = (t.to(x.dtype) / 150).sin().view(-1, 1, 1, 1)
-        eps = optimal + 0.1 * torch.tanh(torch.nn.functional.conv2d(x, _CONV.to(x.dtype), padding=1) + time_term)
+        extra = 0.1 * torch.tanh(torch.nn.functional.conv2d(x, _CONV.to(x.dtype), padding=1) + time_term)
         if "y" in cond:
-            eps = eps + 0.1 * cond["y"].to(x.dtype).view(-1, 4, 1, 1)
+            extra = extra + 0.1 * cond["y"].to(x.dtype).view(-1, 4, 1, 1)
+        if self.x0_space:  # E[x0 | x_t] for x0 ~ N(0, 0.5^2), plus the extra term
+            x0 = 0.25 * ab.sqrt() * x / (0.25 * ab + 1 - ab) + extra
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        else:  # E[eps | x_t] for x0 ~ N(0, 0.5^2), plus the extra term
+            eps = (1 - ab).sqrt() * x / (0.25 * ab + 1 - ab) + extra
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         if self.prediction_type == "eps":
             return eps
-        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
@@ -51,9 +62,14 @@ def _x_T(dtype: torch.dtype = torch.float64, shape: tuple[int, ...] = SHAPE) -> 
     return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
-def _diffusers_trajectory(scheduler, x: torch.Tensor, steps: int, model: Denoiser, step_kwargs: dict) -> list:
-    """(t, x after the step) for each step, per-step noise from the same per-sample generators as ours."""
+def _diffusers_trajectory(scheduler, x: torch.Tensor, steps: int, model: Denoiser, step_kwargs: dict,
+                          gap: int | None = None) -> list:
+    """(t, x after the step) for each step, per-step noise from the same per-sample generators as ours.
+    `gap`: make DDIMScheduler step by `gap` timesteps (it steps by T // steps whatever the spacing)."""
     scheduler.set_timesteps(steps)
+    if gap is not None:
+        scheduler.num_inference_steps = scheduler.config.num_train_timesteps // gap
+        assert scheduler.config.num_train_timesteps // scheduler.num_inference_steps == gap
     generators, trajectory = make_generators(5, x.shape[0]), []
     for t in scheduler.timesteps:
         out = model(x, t.expand(x.shape[0]), {})
@@ -106,6 +122,98 @@ def test_trajectory_matches_diffusers(case: str) -> None:
         torch.testing.assert_close(ours_x, theirs_x, atol=1e-5, rtol=0)
     torch.testing.assert_close(final, expected[-1][1], atol=1e-5, rtol=0)
     assert final.abs().max() < 10  # a meaningful comparison: the latents did not blow up
+
+
+SCHEDULERS = {  # our sampler: the diffusers scheduler with the same update rule, with Stable Diffusion's settings
+    "ddpm": (DDPMScheduler, dict(clip_sample=False)),
+    "ddim": (DDIMScheduler, SD_DDIM),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+}
+
+
+def _compare_with_diffusers(sampler: str, spacing: str, steps: int, schedule: NoiseSchedule, scheduler,
+                            model_kwargs: dict, atol: float, prediction_type: str = "eps", eta: float = 0.0) -> None:
+    x_T = _x_T()
+    grid = spaced_timesteps(1000, steps, spacing, 1, skip_zero=SAMPLERS[sampler].skips_zero_timestep)
+    # diffusers' DDIM steps to t - T // steps; with "linspace" that is off its own grid unless the gap is matched
+    gap = grid[0] - grid[1] if sampler == "ddim" and spacing == "linspace" else None
+    step_kwargs = {"eta": eta} if sampler == "ddim" else {}
+    expected = _diffusers_trajectory(scheduler, x_T, steps, Denoiser(prediction_type, schedule, **model_kwargs),
+                                     step_kwargs, gap)
+    trajectory = []
+    final = sample(Denoiser(prediction_type, schedule, **model_kwargs), schedule, SHAPE, sampler=sampler, steps=steps,
+                   eta=eta, x_T=x_T, generators=make_generators(5, SHAPE[0]), timestep_spacing=spacing, steps_offset=1,
+                   prediction_type=prediction_type, callback=lambda i, t, x: trajectory.append((t, x)))
+    assert [t for t, _ in trajectory] == [t for t, _ in expected] == grid
+    for (_, ours_x), (_, theirs_x) in zip(trajectory, expected):
+        torch.testing.assert_close(ours_x, theirs_x, atol=atol, rtol=0)
+    assert torch.isfinite(final).all() and final.abs().max() < 10
+
+
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_spacing_of_every_sampler_matches_diffusers(sampler: str, spacing: str) -> None:
+    scheduler_cls, config = SCHEDULERS[sampler]
+    scheduler = scheduler_cls(**DIFFUSERS_SCHEDULE, **config, timestep_spacing=spacing, steps_offset=1)
+    _compare_with_diffusers(sampler, spacing, 10, SCHEDULE, scheduler, {}, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_zero_terminal_snr_v_sampling_matches_diffusers(sampler: str, spacing: str) -> None:
+    """Grids that start at T-1 (pure noise on a zero-SNR schedule). diffusers' DPM-Solver replaces alpha_bar_T = 0
+    by 2^-24 (its lambda = log(alpha / sigma) needs alpha > 0); ours takes the exact limit (expm1(-inf) = -1), so the
+    first step differs by O(2^-12) there and the comparison is looser for that sampler."""
+    scheduler_cls, config = SCHEDULERS[sampler]
+    scheduler = scheduler_cls(**DIFFUSERS_SCHEDULE, **config, timestep_spacing=spacing, steps_offset=1,
+                              rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    _compare_with_diffusers(sampler, spacing, 10, ZERO_SNR, scheduler, {"x0_space": True},
+                            atol=2e-3 if sampler == "dpmpp_2m" else 1e-5, prediction_type="v")
+
+
+def test_zero_snr_dpm_solver_difference_is_only_diffusers_clamp() -> None:
+    """With diffusers' alpha_bar_T = 2^-24 put into our tables, our DPM-Solver++ trajectory is diffusers' to 1e-5."""
+    clamped = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012, zero_terminal_snr=True).double()
+    clamped.alphas_cumprod[-1] = 2.0**-24
+    clamped.sqrt_alphas_cumprod[-1] = 2.0**-12
+    clamped.sqrt_one_minus_alphas_cumprod[-1] = (1 - 2.0**-24) ** 0.5
+    scheduler_cls, config = SCHEDULERS["dpmpp_2m"]
+    scheduler = scheduler_cls(**DIFFUSERS_SCHEDULE, **config, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                              prediction_type="v_prediction")
+    x_T, model = _x_T(), Denoiser("v", ZERO_SNR, x0_space=True)
+    expected = _diffusers_trajectory(scheduler, x_T, 10, model, {})
+    ours = sample(model, clamped, SHAPE, sampler="dpmpp_2m", steps=10, x_T=x_T, timestep_spacing="trailing",
+                  prediction_type="v")
+    torch.testing.assert_close(ours, expected[-1][1], atol=1e-5, rtol=0)
+
+
+def test_ddpm_with_1000_steps_is_the_full_chain_and_matches_diffusers() -> None:
+    grid = spaced_timesteps(1000, 1000, "leading", 1)
+    assert grid == list(range(999, -1, -1))
+    assert all(spaced_timesteps(1000, 1000, spacing, 1, skip_zero=True) == grid for spacing in TIMESTEP_SPACINGS)
+    x_T, steps = _x_T(), 1000
+    expected = _diffusers_trajectory(DDPMScheduler(**DIFFUSERS_SCHEDULE, clip_sample=False), x_T, steps, Denoiser(), {})
+    final = sample(Denoiser(), SCHEDULE, SHAPE, sampler="ddpm", steps=steps, x_T=x_T, generators=make_generators(5, 2))
+    # 1000 steps accumulate the ~1e-6 per-step difference of the float32 / float64 alpha_bar tables (module doc)
+    torch.testing.assert_close(final, expected[-1][1], atol=1e-4, rtol=0)
+    assert final.abs().max() > 0.5
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg(prediction_type: str) -> None:
+    model = Denoiser(prediction_type)
+    x, t = _x_T(torch.float32), torch.tensor([500, 20])
+    cond, uncond = {"y": torch.tensor([[3.0, -2.0, 1.0, 0.0], [-1.0, 2.0, 0.5, 3.0]])}, {"y": torch.zeros(2, 4)}
+    out_cond, out_uncond = model(x, t, cond), model(x, t, uncond)
+    guided = out_uncond + 7.5 * (out_cond - out_uncond)
+    for phi in (0.0, 0.7, 1.0):
+        expected = rescale_noise_cfg(guided, out_cond, guidance_rescale=phi)
+        torch.testing.assert_close(guided_denoiser(model, cond, uncond, 7.5, phi)(x, t), expected)
+    rescaled = guided_denoiser(model, cond, uncond, 7.5, 1.0)(x, t)
+    torch.testing.assert_close(rescaled.std(dim=(1, 2, 3)), out_cond.std(dim=(1, 2, 3)))  # phi = 1: the cond's std
+    assert (rescaled - guided).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="guidance_rescale must be in"):
+        guided_denoiser(model, cond, uncond, 7.5, 1.5)
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
@@ -223,5 +331,5 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="batch size"):
         sample(model, SCHEDULE, SHAPE, cond={"y": torch.zeros(3, 4)})
     with pytest.raises(ValueError, match="steps_offset=0"):
-        sample(model, SCHEDULE, SHAPE, sampler="ddpm", steps=1000)
+        sample(model, SCHEDULE, SHAPE, sampler="ddpm", steps=999, steps_offset=5)
     assert model.calls == []

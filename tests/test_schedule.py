@@ -4,8 +4,11 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from hydra import compose, initialize_config_dir
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as rescale_zero_terminal_snr_diffusers
 
-from ldm.diffusion.schedule import NoiseSchedule, diffusion_loss
+from ldm.diffusion.samplers import sample
+from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type, diffusion_loss, make_betas
 
 SCHEDULES = [  # ours, diffusers' name, (beta_start, beta_end)
     ("linear", "linear", (1e-4, 0.02)),
@@ -129,3 +132,69 @@ def test_unknown_names_raise_and_list_the_valid_ones() -> None:
         diffusion_loss(x0, noise, loss_type="huber")
     with pytest.raises(ValueError, match="min_snr_gamma"):
         schedule.loss_weights(t, "eps", min_snr_gamma=0.0)
+
+
+# ---------------------------------------------------------------- zero terminal SNR (Lin et al. 2024)
+@pytest.mark.parametrize("ours, theirs, betas", SCHEDULES)
+def test_zero_terminal_snr_tables_match_diffusers(ours: str, theirs: str, betas: tuple[float, float]) -> None:
+    schedule = NoiseSchedule(1000, ours, *betas, zero_terminal_snr=True)
+    plain = NoiseSchedule(1000, ours, *betas)
+    expected_betas = rescale_zero_terminal_snr_diffusers(make_betas(ours, 1000, *betas))
+    torch.testing.assert_close(schedule.betas.double(), expected_betas, atol=1e-6, rtol=0)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs, beta_start=betas[0], beta_end=betas[1],
+                              rescale_betas_zero_snr=True)
+    torch.testing.assert_close(schedule.alphas_cumprod, reference.alphas_cumprod, atol=1e-6, rtol=0)
+    assert schedule.alphas_cumprod[-1].item() == 0.0 and schedule.terminal_snr == 0.0  # exactly pure noise at T-1
+    assert schedule.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), abs=1e-7)
+    assert torch.all(schedule.alphas_cumprod[1:] < schedule.alphas_cumprod[:-1])
+    assert plain.terminal_snr > 0
+
+
+def test_loss_weights_are_finite_at_zero_snr() -> None:
+    schedule = NoiseSchedule(zero_terminal_snr=True).double()
+    t = torch.tensor([0, 500, 998, 999])
+    snr = schedule.snr(t)
+    assert snr[-1].item() == 0.0
+    eps_weights = schedule.loss_weights(t, "eps", min_snr_gamma=5.0)
+    v_weights = schedule.loss_weights(t, "v", min_snr_gamma=5.0)
+    assert torch.isfinite(eps_weights).all() and torch.isfinite(v_weights).all()
+    # eps: min(SNR, 5) / SNR -> 1 as SNR -> 0; v: min(SNR, 5) / (SNR + 1) = 0 at SNR = 0
+    torch.testing.assert_close(eps_weights, torch.minimum(torch.ones_like(snr), 5.0 / snr.clamp(min=1e-30)))
+    torch.testing.assert_close(v_weights, torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1))
+    assert eps_weights[-1].item() == 1.0 and v_weights[-1].item() == 0.0
+
+
+def test_eps_prediction_on_a_zero_snr_schedule_is_refused_naming_v() -> None:
+    with pytest.raises(ValueError, match="prediction_type=v"):
+        check_prediction_type(NoiseSchedule(zero_terminal_snr=True), "eps")
+    check_prediction_type(NoiseSchedule(zero_terminal_snr=True), "v")
+    check_prediction_type(NoiseSchedule(), "eps")
+    schedule = NoiseSchedule(zero_terminal_snr=True)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="prediction_type=v"):
+        sample(lambda x, t, c: x, schedule, (1, 4, 2, 2), steps=2, prediction_type="eps", x_T=x)
+    # v at SNR = 0: x0 = -v and eps = x_t, both finite
+    t = torch.tensor([999])
+    v = torch.randn(1, 4, 2, 2)
+    x_t = torch.randn(1, 4, 2, 2)
+    torch.testing.assert_close(schedule.predict_x0(x_t, t, v, "v"), -v)
+    torch.testing.assert_close(schedule.predict_eps(x_t, t, v, "v"), x_t)
+
+
+def test_linear_schedule_gets_ddpm_endpoints_unless_given() -> None:
+    """beta_schedule=linear alone must not keep the scaled-linear endpoints (a silent, different schedule)."""
+    linear = NoiseSchedule(beta_schedule="linear")
+    assert (linear.linear_start, linear.linear_end) == (1e-4, 0.02)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")  # diffusers' DDPM defaults
+    torch.testing.assert_close(linear.betas, reference.betas, atol=1e-7, rtol=0)
+    assert (NoiseSchedule().linear_start, NoiseSchedule().linear_end) == (0.00085, 0.012)
+    explicit = NoiseSchedule(beta_schedule="linear", linear_start=0.001, linear_end=0.01)
+    assert explicit.betas[0].item() == pytest.approx(0.001) and explicit.betas[-1].item() == pytest.approx(0.01)
+
+
+def test_the_config_schedule_follows_beta_schedule(repo_root) -> None:
+    with initialize_config_dir(config_dir=f"{repo_root}/configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=ldm_f8_text", "model.schedule.beta_schedule=linear"])
+    schedule = NoiseSchedule(**cfg.model.schedule)
+    assert (schedule.linear_start, schedule.linear_end) == (1e-4, 0.02)
+    assert schedule.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=1e-2)

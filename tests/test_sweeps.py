@@ -45,8 +45,8 @@ def factor_sweep(tmp_path_factory):
         f"data.resolution={RES}", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "first_stage.overrides=['trainer.max_steps=1','trainer.val_check_interval=1','data.batch_size=4',"
         "'model.loss.perceptual_weight=0']",
-        "callbacks.evaluation.every_n_steps=1", "callbacks.evaluation.num_samples=6", "callbacks.evaluation.steps=2",
-        "callbacks.evaluation.num_real=16", "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2",
+        "callbacks.evaluation.every_n_steps=1", "callbacks.evaluation.num_samples=6",
+        "callbacks.evaluation.num_real=16", "callbacks.sample_grid.every_n_steps=2", "sampling.steps=2",
         "callbacks.sample_grid.samples_per_condition=1",
     ])
     return tmp
@@ -68,7 +68,7 @@ def test_each_ldm_run_uses_the_autoencoder_of_its_own_factor(factor_sweep):
 
 
 def test_report_from_the_real_sweep(factor_sweep):
-    report = compare_factors(str(factor_sweep / "sweep"), str(factor_sweep / "report"), steps=2)
+    report = compare_factors(str(factor_sweep / "sweep"), str(factor_sweep / "report"), sampling={"steps": 2})
     rows = report["rows"]
     assert [row["factor"] for row in rows] == list(FACTORS) and {row["status"] for row in rows} == {"ok"}
     assert [row["latent_shape"][1] for row in rows] == [RES // f for f in FACTORS]

@@ -74,7 +74,7 @@ def test_latent_diffusion_chains_stage_one_once(tmp_path, data_dir):
         "trainer.val_check_interval=3",
         "first_stage.overrides=['trainer.max_steps=2','data.batch_size=4','model.loss.perceptual_weight=0']",
         "callbacks.sample_grid.every_n_steps=3",
-        "callbacks.sample_grid.steps=2",
+        "sampling.steps=2",
         "callbacks.sample_grid.samples_per_condition=1",
     ]
     result = run_train(overrides)

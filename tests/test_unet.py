@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm.nets.attention import Attention, AttnBlock
+from ldm.nets.attention import POSITION_BANDS, Attention, AttnBlock, spatial_positional_embedding
 from ldm.nets.unet import UNetModel
 
 BATCH = 2
@@ -183,3 +183,55 @@ def test_autoencoder_attention_block_equals_naive_softmax():
     weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(16), dim=-1)  # (B, N, N)
     expected = x + block.proj_out((v @ weights.transpose(1, 2)).view_as(x))
     torch.testing.assert_close(block(x), expected)
+
+
+# ---------------------------------------------------------------- key-padding mask and 2-D positions
+def test_key_padding_mask_equals_attention_over_the_true_tokens_only():
+    torch.manual_seed(0)
+    attention = Attention(16, context_dim=8, heads=2, dim_head=8)
+    x, context = torch.randn(2, 6, 16), torch.randn(2, 5, 8)
+    lengths = [3, 5]
+    mask = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]
+    masked = attention(x, context, mask)
+    for row, length in enumerate(lengths):
+        expected = attention(x[row:row + 1], context[row:row + 1, :length])
+        torch.testing.assert_close(masked[row:row + 1], expected, atol=1e-6, rtol=0)
+
+
+def test_unet_context_mask_hides_the_masked_tokens_and_checks_its_shape():
+    unet = tiny_unet()
+    batch = inputs()
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    changed = batch["context"].clone()
+    changed[0, 2:] = torch.randn(3, 8)
+    with torch.no_grad():
+        out = unet(batch["x"], batch["timesteps"], batch["context"], context_mask=mask)
+        torch.testing.assert_close(unet(batch["x"], batch["timesteps"], changed, context_mask=mask), out)
+        assert (unet(batch["x"], batch["timesteps"], changed) - out).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="context_mask must be a bool tensor of shape"):
+        unet(batch["x"], batch["timesteps"], batch["context"], context_mask=mask[:, :3])
+    with pytest.raises(ValueError, match="context_mask without a context"):
+        tiny_unet(context_dim=None)(batch["x"], batch["timesteps"], context_mask=mask)
+
+
+def test_spatial_positional_embedding_keeps_the_key_layout_and_changes_the_output():
+    plain, positional = tiny_unet(), tiny_unet(spatial_positional_embedding=True)
+    assert list(plain.state_dict()) == list(positional.state_dict())  # no weights: SD checkpoints load either way
+    positional.load_state_dict(plain.state_dict())
+    batch = inputs()
+    with torch.no_grad():
+        assert (plain(**batch) - positional(**batch)).abs().max() > 1e-4
+
+
+def test_spatial_positional_embedding_is_the_fourier_formula_in_image_coordinates():
+    embedding = spatial_positional_embedding(4, 6, 40)  # 10 bands possible, POSITION_BANDS used
+    assert embedding.shape == (24, 40)
+    i, j = 2, 5  # token row-major index 2 * 6 + 5
+    y, x = (i + 0.5) / 4, (j + 0.5) / 6
+    bands = torch.tensor([math.pi * 2.0**k for k in range(POSITION_BANDS)])
+    expected = torch.stack([torch.sin(bands * y), torch.cos(bands * y), torch.sin(bands * x), torch.cos(bands * x)],
+                           dim=-1).flatten()
+    torch.testing.assert_close(embedding[2 * 6 + 5, : 4 * POSITION_BANDS], expected)
+    assert torch.all(embedding[:, 4 * POSITION_BANDS:] == 0)
+    # image coordinates: the token whose centre is the image centre has the same code at any resolution
+    torch.testing.assert_close(spatial_positional_embedding(3, 3, 16)[4], spatial_positional_embedding(9, 9, 16)[40])

@@ -4,6 +4,7 @@ coverage, IS and, on shapes, prompt fidelity.
     python evaluate.py ckpt=PATH num_samples=1000 out=DIR
     python evaluate.py fake_dir=DIR real_dir=DIR features=inception_v3 out=DIR
     python evaluate.py report=compare runs=MULTIRUN_DIR out=DIR      # factor comparison (ldm/evaluation/reports.py)
+    python evaluate.py report=captions ckpt=PATH out=DIR            # caption sensitivity and signal leak only
 
 Writes DIR/metrics.json, DIR/metrics.md and (ckpt=) DIR/samples/. See configs/evaluate.yaml.
 """
@@ -14,17 +15,16 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.evaluation.evaluate import EvaluationOptions, evaluate
+from ldm.diffusion.settings import SamplerSettings
+from ldm.evaluation.evaluate import EvaluationOptions, diagnose_checkpoint, evaluate
 from ldm.evaluation.image_sources import reference_images
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
 from ldm.evaluation.sweep import sweep_checkpoint
-from ldm.inference.sampling import SamplerSettings
 from ldm.metrics import WeightsUnavailableError
 
 log = logging.getLogger("evaluate")
 SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "density_k", "cache_dir",
-            "feature_batch_size", "sampler", "steps", "eta", "cfg_scale", "seed", "batch_size", "use_ema", "device",
-            "precision")
+            "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
             log.info("sweep -> %s", sweep_of_settings(cfg))
             return
         metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
-                           **{key: cfg[key] for key in SETTINGS})
+                           sampling=_sampling(cfg), **{key: cfg[key] for key in SETTINGS})
     except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
         log.error("%s", error)
         sys.exit(2)
@@ -53,7 +53,7 @@ def sweep_of_settings(cfg: DictConfig) -> str:
     options = EvaluationOptions(features=OmegaConf.to_container(cfg.features, resolve=True), k=cfg.k,
                                 density_k=cfg.density_k, num_real=cfg.num_real, cache_dir=cfg.cache_dir,
                                 batch_size=cfg.feature_batch_size, device=cfg.device)
-    base = SamplerSettings(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+    base = SamplerSettings.of(_sampling(cfg))
     grid = {key: list(values) for key, values in cfg.sweep.items() if values}
     sweep_checkpoint(cfg.ckpt, reference_images(cfg.get("data"), settings["real_dir"]), cfg.out, grid,
                      num_samples=cfg.num_samples, base=base, options=options, batch_size=cfg.batch_size,
@@ -62,16 +62,28 @@ def sweep_of_settings(cfg: DictConfig) -> str:
 
 
 def report_of_runs(cfg: DictConfig) -> str:
-    """`report=compare runs=DIR` (factor comparison) or `report=sweep runs=DIR` (sweep table): see ldm/evaluation/reports.py."""
+    """`report=compare runs=DIR` (factor comparison) or `report=sweep runs=DIR` (sweep table): see
+    ldm/evaluation/reports.py; `report=captions ckpt=PATH`: the diagnostics of one checkpoint."""
+    if cfg.report == "captions":
+        if not cfg.ckpt:
+            raise ValueError("report=captions needs ckpt=PATH: the checkpoint to diagnose.")
+        diagnose_checkpoint(cfg.out, cfg.ckpt, data=cfg.get("data"), real_dir=cfg.real_dir, sampling=_sampling(cfg),
+                            num_samples=cfg.diagnostics_samples, batch_size=cfg.batch_size, use_ema=cfg.use_ema,
+                            device=cfg.device)
+        return os.path.join(cfg.out, "metrics.md")
     if not cfg.runs:
         raise ValueError(f"report={cfg.report} needs runs=DIR: the multirun directory of the sweep.")
     if cfg.report == "compare":
-        compare_factors(cfg.runs, cfg.out, prompts=list(cfg.prompts or DEFAULT_PROMPTS), sampler=cfg.sampler,
-                        steps=cfg.steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=cfg.device)
+        compare_factors(cfg.runs, cfg.out, prompts=list(cfg.prompts or DEFAULT_PROMPTS), sampling=_sampling(cfg),
+                        device=cfg.device)
         return os.path.join(cfg.out, "report.md")
     if cfg.report == "sweep":
         return summarize_sweep(cfg.runs, out=cfg.out)
-    raise ValueError(f"report={cfg.report!r} is not a report: choose compare (factor comparison) or sweep.")
+    raise ValueError(f"report={cfg.report!r} is not a report: choose compare (factor comparison), sweep or captions.")
+
+
+def _sampling(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.sampling, resolve=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from ldm.diffusion.settings import SamplerSettings
 from ldm.loading.checkpoints import load_any_latent_diffusion
 from ldm.loading.diffusers_export import export_diffusers
 from ldm.loading.exported import save_exported
@@ -18,21 +19,24 @@ log = logging.getLogger("export")
 FORMATS = ("diffusers", "safetensors")
 
 
-def export(ckpt: str, format: str, out: str, use_ema: bool = True, preset: str | None = None) -> list[str]:
-    """Write `ckpt` to `out` in `format`; returns the parts that could not be exported."""
+def export(ckpt: str, format: str, out: str, use_ema: bool = True, preset: str | None = None,
+           sampling: dict | None = None) -> list[str]:
+    """Write `ckpt` to `out` in `format`; returns the parts that could not be exported. `sampling` (a
+    `sampling` config node) chooses the diffusers scheduler and its timestep grid."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}.")
     model = load_any_latent_diffusion(ckpt, use_ema, preset)
     if format == "safetensors":
         save_exported(model, out, use_ema=False)  # the chosen weights are in place already
         return []
-    return export_diffusers(model, out, use_ema=False)
+    return export_diffusers(model, out, use_ema=False, sampling=SamplerSettings.of(sampling))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
-        not_exported = export(cfg.ckpt, cfg.format, cfg.out, cfg.use_ema, cfg.preset)
+        not_exported = export(cfg.ckpt, cfg.format, cfg.out, cfg.use_ema, cfg.preset,
+                              OmegaConf.to_container(cfg.sampling, resolve=True))
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         sys.exit(2)

@@ -2,9 +2,13 @@
 summary table (also `python evaluate.py report=compare|sweep runs=DIR`)."""
 import argparse
 import os
+from dataclasses import fields
 from typing import Sequence
 
+from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
+
+SETTINGS = [(field.name, type(field.default)) for field in fields(SamplerSettings)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -15,10 +19,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     compare.add_argument("runs")
     compare.add_argument("--out", required=True)
     compare.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
-    compare.add_argument("--sampler", default="ddim")
-    compare.add_argument("--steps", type=int, default=25)
-    compare.add_argument("--cfg-scale", type=float, default=3.0)
-    compare.add_argument("--seed", type=int, default=0)
+    for name, kind in SETTINGS:  # --sampler, --steps, --cfg-scale, ...: SamplerSettings' defaults where not given
+        compare.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     compare.add_argument("--device", default="auto")
     sweep = commands.add_parser("sweep", help="sweep_summary.md of a sweep directory")
     sweep.add_argument("sweep_dir")
@@ -27,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
-            compare_factors(args.runs, args.out, args.prompts, args.sampler, args.steps, args.cfg_scale, args.seed,
-                            args.device)
+            given = {name: getattr(args, name) for name, _ in SETTINGS if getattr(args, name) is not None}
+            compare_factors(args.runs, args.out, args.prompts, SamplerSettings.of(None, **given), args.device)
             print(os.path.join(args.out, "report.md"))
         else:
             print(summarize_sweep(args.sweep_dir, args.metric, args.out))

@@ -1,6 +1,6 @@
 """`python sample.py ...`: sample images from a trained latent-diffusion checkpoint.
 
-    python sample.py ckpt=PATH prompt="a red circle at the top left" n=16 sampler=ddim steps=50 cfg_scale=5 out=DIR
+    python sample.py ckpt=PATH prompt="a red circle at the top left" n=16 sampling.steps=50 sampling.cfg_scale=5 out=DIR
 
 Writes DIR/00000.png ..., DIR/grid.png (one row per prompt / class) and DIR/samples.json.
 """
@@ -8,7 +8,7 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.inference.sampling import sample_checkpoint
 
@@ -20,8 +20,8 @@ def main(cfg: DictConfig) -> None:
     try:
         records = sample_checkpoint(
             cfg.ckpt, cfg.out, prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,
-            class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size, sampler=cfg.sampler,
-            steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed, use_ema=cfg.use_ema,
+            class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size,
+            sampling=OmegaConf.to_container(cfg.sampling, resolve=True), use_ema=cfg.use_ema,
             device=cfg.device, precision=cfg.precision,
         )
     except (ValueError, FileNotFoundError) as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +31,9 @@ POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
 )  # row-major 3x3 grid cells
 NUM_CLASSES = len(COLORS) * len(SHAPES)
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS}
+_OBJECT_PATTERN = re.compile("an? ({}) ({}) at the ({})".format(
+    *("|".join(sorted(values, key=len, reverse=True)) for values in ATTRIBUTES.values())))
 
 MAX_BACKGROUND_GRAY = 48
 SIZE_RANGE = (0.15, 0.25)  # object side as a fraction of the image side
@@ -62,12 +66,41 @@ def render_sample(rng: np.random.Generator, resolution: int = 64, num_objects: i
         _draw_object(draw, rng, int(cell), shape, COLORS[color], resolution)
         objects.append({"shape": shape, "color": color, "position": POSITIONS[int(cell)]})
     image = canvas.resize((resolution, resolution), Image.Resampling.BOX)
-    caption = " and ".join(f"a {o['color']} {o['shape']} at the {o['position']}" for o in objects)
+    caption = caption_of(objects)
     return image, {
         "caption": caption,
         "objects": objects,
         "class_label": class_index(objects[0]["color"], objects[0]["shape"]),
     }
+
+
+def caption_of(objects: list[dict[str, str]]) -> str:
+    """The caption grammar: "a {color} {shape} at the {position}", objects joined by " and "."""
+    return " and ".join(f"a {o['color']} {o['shape']} at the {o['position']}" for o in objects)
+
+
+def parse_caption_objects(caption: str) -> list[dict[str, str]]:
+    """The objects (color, shape, position) a shapes caption names; ValueError if it is not one."""
+    parts = caption.strip().lower().split(" and ")
+    matches = [_OBJECT_PATTERN.fullmatch(part) for part in parts]
+    if not all(matches):
+        raise ValueError(
+            f"caption {caption!r} is not a shapes caption 'a {{color}} {{shape}} at the {{position}}' with color "
+            f"in {ATTRIBUTES['color']}, shape in {ATTRIBUTES['shape']}, position in {ATTRIBUTES['position']}."
+        )
+    return [dict(zip(ATTRIBUTES, match.groups())) for match in matches]
+
+
+def swap_attribute(caption: str, attribute: str, rng: np.random.Generator) -> str:
+    """The caption with `attribute` of every object replaced by another value drawn uniformly (never the
+    same one): the counterfactual prompt of the caption-sensitivity diagnostic."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; choose one of {', '.join(ATTRIBUTES)}")
+    objects = parse_caption_objects(caption)
+    for obj in objects:
+        others = [value for value in ATTRIBUTES[attribute] if value != obj[attribute]]
+        obj[attribute] = others[int(rng.integers(len(others)))]
+    return caption_of(objects)
 
 
 def write_shapes(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 
 ModelFn = Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
@@ -35,6 +35,7 @@ def sample(
     cond: dict[str, Tensor] | None = None,
     uncond: dict[str, Tensor] | None = None,
     cfg_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     prediction_type: str = "eps",
     generators: list[torch.Generator] | None = None,
     x_T: Tensor | None = None,
@@ -57,9 +58,11 @@ def sample(
     int(steps * strength) steps of the grid, from q_sample(init_latent) at the first of them.
     `eta` is DDIM's stochasticity (0: deterministic, 1: DDPM-like). `timestep_spacing` and
     `steps_offset` place the grid (see `spaced_timesteps`; offset 1 is Stable Diffusion's).
-    `callback(i, t, x)` sees the latent after each step i, taken at timestep t.
+    `guidance_rescale` in [0, 1] rescales the guided output towards the conditional one's std (Lin et al.
+    2024, Sec. 3.4; see `guided_denoiser`). `callback(i, t, x)` sees the latent after each step i, taken at t.
     """
     solver_cls = _lookup_sampler(sampler)
+    check_prediction_type(schedule, prediction_type)
     if eta != 0.0 and solver_cls is not DDIMSolver:
         raise ValueError(f"eta only applies to the 'ddim' sampler, got eta={eta} with sampler {sampler!r}")
     if not 0.0 <= eta <= 1.0:
@@ -76,7 +79,7 @@ def sample(
     x = _initial_latent(schedule, shape, timesteps[first_step], x_T, init_latent, generators, device)
     _check_batch("cond", cond, batch_size)
     _check_batch("uncond", uncond or {}, batch_size)
-    denoise = guided_denoiser(model_fn, cond, uncond, cfg_scale)
+    denoise = guided_denoiser(model_fn, cond, uncond, cfg_scale, guidance_rescale)
     solver = solver_cls(_alpha_bar_levels(schedule, timesteps, solver_cls.lands_on_clean, x.dtype), eta)
 
     def draw_noise() -> Tensor:
@@ -94,14 +97,19 @@ def sample(
 
 
 def guided_denoiser(
-    model_fn: ModelFn, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None, cfg_scale: float
+    model_fn: ModelFn, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None, cfg_scale: float,
+    guidance_rescale: float = 0.0,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The denoiser with classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w):
     out = out_u + s (out_c - out_u), in the model's own parameterisation (eps or v, as diffusers).
+    `guidance_rescale` phi mixes in the guided output rescaled to the conditional output's per-sample std
+    (Lin et al. 2024, Sec. 3.4, Eqs. 15-16): out = phi * out * std(out_c) / std(out) + (1 - phi) * out.
 
     Both halves go through ONE forward pass on the batch [uncond; cond]; cfg_scale == 1 or no
     `uncond` needs no unconditional half and calls the model on the conditional batch only.
     """
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1] (Lin et al. use 0.7), got {guidance_rescale}")
     if uncond is None or cfg_scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
     if set(uncond) != set(cond):
@@ -112,9 +120,18 @@ def guided_denoiser(
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         out_uncond, out_cond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return out_uncond + cfg_scale * (out_cond - out_uncond)
+        guided = out_uncond + cfg_scale * (out_cond - out_uncond)
+        return rescale_guidance(guided, out_cond, guidance_rescale) if guidance_rescale > 0 else guided
 
     return denoise
+
+
+def rescale_guidance(guided: Tensor, conditional: Tensor, guidance_rescale: float) -> Tensor:
+    """Lin et al. 2024, Sec. 3.4: phi * guided * std(conditional) / std(guided) + (1 - phi) * guided, the std
+    taken per sample over all other dimensions. Undoes the over-exposure strong guidance causes."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
 def make_generators(seed: int, n: int, offset: int = 0, device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -153,11 +170,14 @@ def spaced_timesteps(
 
     n = steps, or steps + 1 with `skip_zero`, dropping the least noisy point (not for "trailing"):
     DPM-Solver's convention, whose last step goes to sigma = 0 instead of evaluating there.
+    steps = num_timesteps is the full chain T-1 ... 0 (e.g. ancestral DDPM with 1000 steps) for every spacing.
     """
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; valid values are: {', '.join(TIMESTEP_SPACINGS)}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and num_timesteps={num_timesteps}, got {steps}")
+    if steps == num_timesteps:  # the full chain T-1 ... 0, whatever the spacing (leading + offset would pass T - 1)
+        return list(range(num_timesteps - 1, -1, -1))
     n = steps + 1 if skip_zero and spacing != "trailing" else steps
     if spacing == "leading":
         grid = np.arange(n)[::-1] * (num_timesteps // n)

@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.diffusion.settings import SamplerSettings
+from ldm.evaluation.diagnostics import caption_diagnostics, diagnostics_rows
 from ldm.evaluation.image_sources import ImageFolder, ImageSource, reference_images
 from ldm.inference.sampling import (
-    SamplerSettings,
     conditions_for,
     generate_to_dir,
     load_latent_diffusion,
@@ -185,12 +186,14 @@ def evaluate(
     out: str, ckpt: str | None = None, fake_dir: str | None = None, data: Any = None, real_dir: str | None = None,
     num_samples: int = 1000, num_real: int | None = None, features: Mapping[str, Any] | str | None = None,
     k: int = 3, density_k: int = 5, cache_dir: str = ".cache/metrics", feature_batch_size: int = 64,
-    sampler: str = "ddim", steps: int = 50, eta: float = 0.0, cfg_scale: float = 5.0, seed: int = 0,
-    batch_size: int = 16, use_ema: bool = True, device: str = "auto", precision: str = "fp32",
+    sampling: SamplerSettings | Mapping[str, Any] | None = None, batch_size: int = 16, use_ema: bool = True,
+    device: str = "auto", precision: str = "fp32", diagnostics: bool = False, diagnostics_samples: int = 256,
 ) -> dict[str, Any]:
     """What `evaluate.py` does, with plain arguments (configs/evaluate.yaml documents them): sample `ckpt`
-    (or read `fake_dir`), compare with `real_dir` or the val split of `data` (a data config or a built data
-    module), write `out/metrics.json` and `out/metrics.md`; return the metrics."""
+    (or read `fake_dir`) with `sampling` (SamplerSettings or a `sampling` config node), compare with
+    `real_dir` or the val split of `data` (a data config or a built data module), write `out/metrics.json`
+    and `out/metrics.md`; return the metrics. `diagnostics` adds caption sensitivity and signal leak
+    (ldm.evaluation.diagnostics) of the checkpoint, on `diagnostics_samples` reference images."""
     if (ckpt is None) == (fake_dir is None):
         raise ValueError("pass exactly one of ckpt=PATH (sample, then evaluate) or fake_dir=DIR (evaluate images).")
     options = EvaluationOptions(features=_as_spec(features), k=k, density_k=density_k, num_real=num_real,
@@ -199,14 +202,14 @@ def evaluate(
     if fake_dir is not None:
         return evaluate_folder(fake_dir, reference, out, options)
     return evaluate_checkpoint(ckpt, reference, out, num_samples=num_samples, options=options, batch_size=batch_size,
-                               settings=SamplerSettings(sampler, steps, eta, cfg_scale, seed), use_ema=use_ema,
-                               precision=precision)
+                               settings=SamplerSettings.of(sampling), use_ema=use_ema, precision=precision,
+                               diagnostics_samples=diagnostics_samples if diagnostics else 0)
 
 
 def evaluate_checkpoint(
     ckpt: str, reference: ImageSource, out: str, *, num_samples: int, settings: SamplerSettings = SamplerSettings(),
     options: EvaluationOptions = EvaluationOptions(), batch_size: int = 16, use_ema: bool = True,
-    precision: str = "fp32",
+    precision: str = "fp32", diagnostics_samples: int = 0,
 ) -> dict[str, Any]:
     """Sample `num_samples` images from `ckpt` into `out/samples/`, evaluate them against `reference`,
     write `out/metrics.json` and `out/metrics.md`; return the metrics.
@@ -224,8 +227,26 @@ def evaluate_checkpoint(
     metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options)
     metrics.update(checkpoint={"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
                                "use_ema": use_ema},
-                   sampler={**asdict(settings), "batch_size": batch_size, "autocast_precision": precision},
+                   sampler={**settings.as_dict(), "batch_size": batch_size, "autocast_precision": precision},
                    samples_dir=samples_dir)
+    if diagnostics_samples:
+        metrics["diagnostics"] = caption_diagnostics(model, reference, settings, diagnostics_samples, batch_size)
+    write_report(metrics, out)
+    return metrics
+
+
+def diagnose_checkpoint(out: str, ckpt: str, data: Any = None, real_dir: str | None = None,
+                        sampling: SamplerSettings | Mapping[str, Any] | None = None, num_samples: int = 256,
+                        batch_size: int = 16, use_ema: bool = True, device: str = "auto") -> dict[str, Any]:
+    """`evaluate.py report=captions`: the diagnostics of `ckpt` alone (no sampling), in `out/metrics.json`
+    and `out/metrics.md`."""
+    model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(device))
+    settings = SamplerSettings.of(sampling)
+    metrics = {"diagnostics": caption_diagnostics(model, reference_images(data, real_dir), settings, num_samples,
+                                                  batch_size),
+               "checkpoint": {"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
+                              "use_ema": use_ema},
+               "sampler": settings.as_dict()}
     write_report(metrics, out)
     return metrics
 
@@ -305,7 +326,12 @@ def write_report(metrics: Mapping[str, Any], out: str) -> None:
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=1, default=str)
     with open(os.path.join(out, "metrics.md"), "w") as handle:
-        handle.write(markdown_table(metrics))
+        if "fid" in metrics:
+            handle.write(markdown_table(metrics))
+        if metrics.get("diagnostics"):
+            rows = diagnostics_rows(metrics["diagnostics"])
+            handle.write("\n".join(["", "| diagnostic | value |", "|---|---|", *(f"| {n} | {v} |" for n, v in rows)]))
+            handle.write("\n")
 
 
 def markdown_table(metrics: Mapping[str, Any]) -> str:

@@ -16,14 +16,14 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
+from ldm.diffusion.settings import SamplerSettings
 from ldm.inference.sampling import (
-    SamplerSettings,
     conditions_for,
     generate_to_dir,
     load_latent_diffusion,
@@ -160,17 +160,18 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- the comparison
-def compare_factors(runs: str, out: str, prompts: Sequence[str] = DEFAULT_PROMPTS, sampler: str = "ddim",
-                    steps: int = 25, cfg_scale: float = 3.0, seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Gather the runs of a factor sweep (the job directories under `runs`) into `out`; return report.json."""
+def compare_factors(runs: str, out: str, prompts: Sequence[str] = DEFAULT_PROMPTS,
+                    sampling: SamplerSettings | Mapping[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
+    """Gather the runs of a factor sweep (the job directories under `runs`) into `out`; return report.json.
+    The side-by-side samples are drawn with `sampling` (None: SamplerSettings' defaults)."""
     run_dirs = find_run_dirs(runs)
     rows = sorted((summarize_run(d) for d in run_dirs), key=lambda r: (r.factor is None, r.factor or 0, r.run))
     os.makedirs(out, exist_ok=True)
-    settings = SamplerSettings(sampler, steps, 0.0, cfg_scale, seed)
+    settings = SamplerSettings.of(sampling)
     report = {"runs": os.path.abspath(runs), "rows": [asdict(r) for r in rows],
               "fid_vs_steps": plot_fid_vs_steps(rows, os.path.join(out, "fid_vs_steps.png")),
               "samples": sample_side_by_side(rows, out, list(prompts), settings, device),
-              "sampling": {**asdict(settings), "prompts": list(prompts)}}
+              "sampling": {**settings.as_dict(), "prompts": list(prompts)}}
     with open(os.path.join(out, "report.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     with open(os.path.join(out, "report.md"), "w") as handle:

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.evaluate import (
     EvaluationOptions,
     check_sample_count,
@@ -33,12 +34,12 @@ from ldm.evaluation.evaluate import (
     metrics_of_features,
 )
 from ldm.evaluation.image_sources import ImageFolder, ImageSource
-from ldm.inference.sampling import SamplerSettings, generate_to_dir
+from ldm.inference.sampling import generate_to_dir
 from ldm.loading.checkpoints import load_latent_diffusion
 from ldm.metrics import precision_recall
 from ldm.utils.devices import autocast_dtype, resolve_device
 
-SWEEPABLE = ("cfg_scale", "steps", "sampler", "eta")
+SWEEPABLE = ("cfg_scale", "steps", "sampler", "eta", "timestep_spacing", "guidance_rescale")
 BOOTSTRAP_ROUNDS = 50
 TABLE_COLUMNS = (("fid", "{fid_name}"), ("kid", "{kid_name}"), ("kid_std", "± std"), ("precision", "precision"),
                  ("precision_interval", "P 90 % interval"), ("recall", "recall"), ("recall_interval", "R 90 % interval"),
@@ -89,7 +90,10 @@ def sweep_checkpoint(
 
 
 def setting_label(setting: SamplerSettings) -> str:
-    return f"{setting.sampler}_steps{setting.steps}_cfg{setting.cfg_scale:g}" + (f"_eta{setting.eta:g}" if setting.eta else "")
+    label = f"{setting.sampler}_steps{setting.steps}_cfg{setting.cfg_scale:g}"
+    label += f"_eta{setting.eta:g}" if setting.eta else ""
+    label += f"_rescale{setting.guidance_rescale:g}" if setting.guidance_rescale else ""
+    return label + (f"_{setting.timestep_spacing}" if setting.timestep_spacing != SamplerSettings.timestep_spacing else "")
 
 
 def bootstrap_precision_recall(real: np.ndarray, fake: np.ndarray, k: int, rounds: int = BOOTSTRAP_ROUNDS,

@@ -8,31 +8,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.settings import SamplerSettings
 from ldm.loading.checkpoints import load_latent_diffusion
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.devices import autocast_dtype, resolve_device
 from ldm.utils.images import images_to_uint8, save_image_grid
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    sampler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    cfg_scale: float = 5.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {self.sampler!r}. Choose one of: {', '.join(SAMPLERS)}.")
 
 
 def conditions_for(
@@ -73,16 +59,13 @@ def generate_to_dir(
         chunk = conditions[start:start + batch_size]
         inputs = as_model_inputs(chunk)
         with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            images = model.generate(
-                inputs, len(chunk), sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                cfg_scale=settings.cfg_scale, seed=settings.seed, seed_offset=start,
-            )
+            images = model.generate(inputs, len(chunk), settings, seed_offset=start)
         batch_uint8 = images_to_uint8(images)
         for i, (image, condition) in enumerate(zip(batch_uint8, chunk)):
             index = start + i
             name = f"{index:05d}.png"
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(out, name))
-            record = {"file": name, **asdict(settings), "seed": settings.seed + index, "ckpt": ckpt}
+            record = {"file": name, **settings.as_dict(), "seed": settings.seed + index, "ckpt": ckpt}
             record["prompt" if isinstance(condition, str) else "class_label"] = condition
             records.append(record)
         images_uint8.append(batch_uint8)
@@ -120,17 +103,14 @@ def sample_checkpoint(
     class_labels: Sequence[int] = (),
     n: int = 4,
     batch_size: int = 16,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    cfg_scale: float = 5.0,
-    seed: int = 0,
+    sampling: SamplerSettings | Mapping[str, Any] | None = None,
     use_ema: bool = True,
     device: str = "auto",
     precision: str = "fp32",
 ) -> list[dict]:
-    """What `sample.py` does: `n` samples per prompt / class of a checkpoint into `out`."""
-    settings = SamplerSettings(sampler, steps, eta, cfg_scale, seed)
+    """What `sample.py` does: `n` samples per prompt / class of a checkpoint into `out`, drawn with
+    `sampling` (a SamplerSettings or a `sampling` config node; None: the defaults)."""
+    settings = SamplerSettings.of(sampling)
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(device))
     conditions = conditions_for(model, [*prompts, *read_prompts(None, prompts_file)], class_labels, n)

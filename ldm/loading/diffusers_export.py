@@ -5,7 +5,8 @@ diffusers names modules by role (`down_blocks.L.resnets.j`), CompVis (= us) by p
 architecture: every one of our keys is renamed by its longest matching prefix, and a key no pair
 covers is an error, never dropped. The folder loads with `UNet2DConditionModel.from_pretrained(DIR,
 subfolder="unet")`, `AutoencoderKL.from_pretrained(DIR, subfolder="vae")` and
-`DDIMScheduler.from_pretrained(DIR, subfolder="scheduler")`.
+`DDIMScheduler.from_pretrained(DIR, subfolder="scheduler")` (or the scheduler class of the export's
+sampler, with its timestep grid: the `SamplerSettings` given to `export_diffusers`).
 """
 from __future__ import annotations
 
@@ -16,21 +17,30 @@ from typing import Any, Mapping
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.settings import SamplerSettings
 from ldm.loading.exported import model_weights
 from ldm.loading.state_dicts import strip_prefix
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
+SCHEDULERS = {  # our sampler -> the diffusers scheduler with the same update rule, and its settings for it
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small", "clip_sample": False}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
 UNET_RESNET = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
                "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
 VAE_RESNET = {"nin_shortcut.": "conv_shortcut."}
 VAE_ATTENTION = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
 
 
-def export_diffusers(model, out_dir: str, use_ema: bool = True) -> list[str]:
+def export_diffusers(model, out_dir: str, use_ema: bool = True, sampling: SamplerSettings | None = None) -> list[str]:
     """Write `model` (a LatentDiffusion) to `out_dir`; returns the parts that were not exported
-    (also listed in `out_dir/README.md`), e.g. a text encoder diffusers has no class for."""
+    (also listed in `out_dir/README.md`), e.g. a text encoder diffusers has no class for. The scheduler is
+    the one of `sampling` (SamplerSettings; None: its defaults, DDIM with SD's "leading" grid)."""
+    settings = SamplerSettings.of(sampling)
     unet_cfg, vae_cfg = dict(model.hparams["unet"]), dict(model.hparams["first_stage"])
     _check_exportable(unet_cfg, vae_cfg)
     weights = model_weights(model, use_ema)
@@ -47,9 +57,9 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True) -> list[str]:
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, name, WEIGHTS_NAME),
                   metadata={"format": "pt"})
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
-                diffusers_scheduler_config(dict(model.hparams.get("schedule") or {}), model.hparams["prediction_type"]))
-    _write_json(os.path.join(out_dir, "model_index.json"), _model_index())
+    scheduler = diffusers_scheduler_config(model.schedule, model.hparams["prediction_type"], settings)
+    _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler)
+    _write_json(os.path.join(out_dir, "model_index.json"), _model_index(scheduler["_class_name"]))
     not_exported = _not_exported(model.conditioner)
     _write_readme(out_dir, not_exported, use_ema)
     return not_exported
@@ -109,25 +119,28 @@ def diffusers_vae_config(vae: Mapping[str, Any], image_size: int, scale_factor: 
     }
 
 
-def diffusers_scheduler_config(schedule: Mapping[str, Any], prediction_type: str) -> dict[str, Any]:
-    """DDIMScheduler settings that reproduce our schedule and our samplers' defaults (ldm/samplers.py:
-    "leading" spacing, steps_offset 1, final alpha_bar_0, no x0 clipping), as the SD releases."""
-    beta_schedule = schedule.get("beta_schedule", "scaled_linear")
+def diffusers_scheduler_config(schedule: NoiseSchedule, prediction_type: str,
+                               settings: SamplerSettings = SamplerSettings()) -> dict[str, Any]:
+    """The diffusers scheduler that reproduces our schedule (zero-terminal-SNR rescaling included) and the
+    sampler of `settings` with its grid (ldm/diffusion/samplers.py: no x0 clipping; DDIM's last step to
+    alpha_bar_0). Guidance scale and rescale are pipeline arguments in diffusers, not scheduler settings."""
+    beta_schedule = schedule.beta_schedule
     if beta_schedule not in BETA_SCHEDULES or prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"No diffusers equivalent for beta_schedule={beta_schedule!r} / prediction_type={prediction_type!r}.")
-    if beta_schedule == "cosine" and schedule.get("cosine_s", 8e-3) != 8e-3:
+    if beta_schedule == "cosine" and schedule.cosine_s != 8e-3:
         raise ValueError("diffusers' cosine schedule (squaredcos_cap_v2) has s = 0.008; this model uses another cosine_s.")
+    class_name, specific = SCHEDULERS[settings.sampler]
+    endpoints = {"beta_start": schedule.linear_start, "beta_end": schedule.linear_end} if beta_schedule != "cosine" else {}
     return {
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": schedule.get("num_timesteps", 1000),
+        "_class_name": class_name,
+        "num_train_timesteps": schedule.num_timesteps,
         "beta_schedule": BETA_SCHEDULES[beta_schedule],
-        "beta_start": schedule.get("linear_start", 0.00085),
-        "beta_end": schedule.get("linear_end", 0.012),
+        **endpoints,
+        "rescale_betas_zero_snr": schedule.zero_terminal_snr,
         "prediction_type": PREDICTION_TYPES[prediction_type],
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-        "set_alpha_to_one": False,
-        "clip_sample": False,
+        "timestep_spacing": settings.timestep_spacing,
+        "steps_offset": settings.steps_offset,
+        **specific,
     }
 
 
@@ -209,6 +222,10 @@ def _rename(state: Mapping[str, Tensor], prefixes: Mapping[str, str], what: str)
 
 # ---------------------------------------------------------------- folder files
 def _check_exportable(unet: Mapping[str, Any], vae: Mapping[str, Any]) -> None:
+    if unet.get("spatial_positional_embedding"):
+        raise ValueError("this UNet adds 2-D positional embeddings in its transformers "
+                         "(unet.spatial_positional_embedding), which diffusers' UNet2DConditionModel has no option for. "
+                         "Use format=safetensors.")
     if unet.get("context_dim") is None or unet.get("class_embed_dim") is not None:
         raise ValueError(
             "diffusers export supports text-conditioned models (cross-attention UNet, no class embedding); this "
@@ -226,17 +243,21 @@ def _not_exported(conditioner) -> list[str]:
     if name == "NullConditioner":
         return []
     details = {k: getattr(conditioner, k) for k in ("layer", "output_dim") if hasattr(conditioner, k)}
-    return [f"text_encoder / tokenizer: {name} {details} (no diffusers/transformers equivalent written; pass "
-            "prompt_embeds computed with ldm's conditioner)"]
+    items = [f"text_encoder / tokenizer: {name} {details} (no diffusers/transformers equivalent written; pass "
+             "prompt_embeds computed with ldm's conditioner)"]
+    if getattr(conditioner, "padding_mask", False):
+        items.append("cross-attention padding mask (conditioner.padding_mask): pass the conditioner's context_mask "
+                     "as the UNet's encoder_attention_mask; the pipelines do not")
+    return items
 
 
-def _model_index() -> dict[str, Any]:
+def _model_index(scheduler: str) -> dict[str, Any]:
     import diffusers
 
     absent = [None, None]
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": absent, "tokenizer": absent,
+            "scheduler": ["diffusers", scheduler], "text_encoder": absent, "tokenizer": absent,
             "safety_checker": absent, "feature_extractor": absent, "requires_safety_checker": False}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from typing import Any, Sequence
 
@@ -29,14 +28,14 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, render_sample
+from ldm.data.shapes import ATTRIBUTES, parse_caption_objects, render_sample
 from ldm.metrics.extractors import (
     ResizingExtractor,
     file_digest,
 )
 from ldm.utils.files import write_atomic
 
-HEADS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS}
+HEADS: dict[str, tuple[str, ...]] = ATTRIBUTES
 DEFAULT_STEPS = 400
 DEFAULT_BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
@@ -188,13 +187,6 @@ def load_shapes_classifier_extractor(
     return ShapesClassifierExtractor(model, resolution, file_digest(weights_path)).to(device)
 
 
-_CAPTION_PATTERN = re.compile(
-    "^an? ({}) ({}) at the ({})$".format(
-        *("|".join(sorted(names, key=len, reverse=True)) for names in HEADS.values())
-    )
-)
-
-
 def parse_caption(caption: str) -> dict[str, int]:
     """Class index per head of the single object of `a {color} {shape} at the {position}`.
 
@@ -206,13 +198,8 @@ def parse_caption(caption: str) -> dict[str, int]:
             f"caption {caption!r} names several objects; prompt fidelity is defined for single-object shapes "
             "data only (write_shapes(num_objects=1))."
         )
-    match = _CAPTION_PATTERN.match(caption.strip().lower())
-    if match is None:
-        raise ValueError(
-            f"caption {caption!r} is not a shapes caption 'a {{color}} {{shape}} at the {{position}}' with color "
-            f"in {HEADS['color']}, shape in {HEADS['shape']}, position in {HEADS['position']}."
-        )
-    return {head: HEADS[head].index(value) for head, value in zip(HEADS, match.groups())}
+    (obj,) = parse_caption_objects(caption)
+    return {head: HEADS[head].index(obj[head]) for head in HEADS}
 
 
 def caption_match_rates(predictions: dict[str, torch.Tensor], captions: Sequence[str]) -> dict[str, float]:

@@ -37,22 +37,45 @@ def drop_mask(
 
 
 class _TokenConditioner(nn.Module):
-    """Shared text plumbing: tokenise on the host, ship ids once, swap dropped rows to the empty prompt."""
+    """Shared text plumbing: tokenise on the host, ship ids once, swap dropped rows to the empty prompt.
+
+    `padding_mask=True` also returns `context_mask` (B, L), true up to and including each prompt's
+    end-of-text token, which the UNet's cross-attention uses as a key-padding mask: the padding states
+    (which a bidirectional encoder fills with the prompt's content) are then never attended to. Off by
+    default: Stable Diffusion 1.x / 2.x attend to all 77 states. `pad_token_id` replaces the tokenizer's
+    padding after end-of-text (open_clip pads with 0; SD 1.x was trained on CLIP's end-of-text 49407)."""
 
     batch_key = "caption"
 
-    def __init__(self, tokenizer_name: str) -> None:
+    def __init__(self, tokenizer_name: str, padding_mask: bool = False, pad_token_id: int | None = None) -> None:
         super().__init__()
         self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
         self.context_length: int = self.tokenizer.context_length
+        self.eot_token_id: int = self.tokenizer.eot_token_id
+        self.padding_mask = padding_mask
+        self.pad_token_id = pad_token_id
         # the empty prompt's ids, kept on the module's device: dropping a row costs no host transfer
-        self.register_buffer("null_tokens", self.tokenizer([""]), persistent=False)
+        self.register_buffer("null_tokens", self._padded(self.tokenizer([""])), persistent=False)
 
     def forward(self, inputs: Inputs, drop_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tokens = self.tokenize(inputs)
         if drop_mask is not None:
             tokens = torch.where(drop_mask.to(tokens.device)[:, None], self.null_tokens, tokens)
-        return {"context": self.encode_tokens(tokens)}
+        out = {"context": self.encode_tokens(tokens)}
+        if self.padding_mask:
+            out["context_mask"] = self.token_mask(tokens)
+        return out
+
+    def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: positions up to and including the first end-of-text token (all of a row without one)."""
+        is_eot = tokens == self.eot_token_id
+        last = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
+        return torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= last[:, None]
+
+    def _padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pad_token_id is None:
+            return tokens
+        return torch.where(self.token_mask(tokens), tokens, torch.full_like(tokens, self.pad_token_id))
 
     def tokenize(self, inputs: Inputs) -> torch.Tensor:
         """(B, context_length) token ids on the module's device from prompts or ready-made ids."""
@@ -63,13 +86,13 @@ class _TokenConditioner(nn.Module):
                     f"{type(self).__name__} takes prompts (list[str]) or token ids (LongTensor of shape "
                     f"(B, {self.context_length})); got a {inputs.dtype} tensor of shape {tuple(inputs.shape)}."
                 )
-            return inputs.to(device, non_blocking=True)
+            return self._padded(inputs.to(device, non_blocking=True))
         if inputs is None or isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
             raise TypeError(
                 f"{type(self).__name__} takes a list of prompts, one string per sample; got {inputs!r:.80}. "
                 "A text model needs the batch's 'caption' entry (an empty string for no caption)."
             )
-        tokens = self.tokenizer(list(inputs))
+        tokens = self._padded(self.tokenizer(list(inputs)))
         if device.type == "cuda":
             tokens = tokens.pin_memory()  # pinned: the copy below runs asynchronously
         return tokens.to(device, non_blocking=True)
@@ -94,8 +117,9 @@ class TextTransformer(_TokenConditioner):
         context_length: int = 77,
         tokenizer: str = "ViT-L-14",
         dropout: float = 0.0,
+        padding_mask: bool = False,
     ) -> None:
-        super().__init__(tokenizer)
+        super().__init__(tokenizer, padding_mask)
         if width % heads != 0:
             raise ValueError(f"TextTransformer width={width} must be divisible by heads={heads}.")
         if context_length != self.context_length:
@@ -131,6 +155,8 @@ class FrozenOpenCLIP(_TokenConditioner):
         layer: str = "penultimate",
         checkpoint_path: str | None = None,
         width: int | None = None,
+        padding_mask: bool = False,
+        pad_token_id: int | None = None,
     ) -> None:
         """`pretrained`: an open_clip tag or a local file; `checkpoint_path` (a local `.pt`/`.bin`/
         `.safetensors` state dict) wins over it; neither gives random weights (tests).
@@ -141,7 +167,7 @@ class FrozenOpenCLIP(_TokenConditioner):
         if config is None:
             raise ValueError(f"Unknown open_clip architecture {arch!r}; open_clip.list_models() lists the known ones.")
         weights_file = _resolve_weights(arch, pretrained, checkpoint_path)  # before building: fail fast
-        super().__init__(arch)
+        super().__init__(arch, padding_mask, pad_token_id)
         self.layer = layer
         self.model = _build_text_only(arch, config, pretrained)
         if weights_file is not None:

@@ -15,12 +15,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.diffusion.samplers import make_generators, sample
-from ldm.diffusion.schedule import NoiseSchedule, diffusion_loss
+from ldm.diffusion.objective import DiffusionObjective
+from ldm.diffusion.pipeline import LatentPipeline, posterior_sample
+from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
+from ldm.diffusion.settings import SamplerSettings
 from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
-from ldm.models.optimization import global_batch_size
+from ldm.models.optimization import effective_learning_rate
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import KLAutoencoder
 
@@ -40,11 +42,16 @@ class LatentDiffusion(pl.LightningModule):
         prediction_type: str = "eps",
         loss_type: str = "l2",
         min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        timestep_shift: float = 1.0,
         p_uncond: float = 0.1,
         learning_rate: float = 1e-4,
         scale_lr: bool = False,
         batch_size: int | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         adam_betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
@@ -69,6 +76,9 @@ class LatentDiffusion(pl.LightningModule):
         self.unet = UNetModel(**unet)
         self.conditioner = hydra.utils.instantiate(conditioner)
         self.schedule = NoiseSchedule(**(schedule or {}))
+        check_prediction_type(self.schedule, prediction_type)
+        self.objective = DiffusionObjective(prediction_type, loss_type, min_snr_gamma, noise_offset,
+                                            timestep_sampling, logit_mean, logit_std, timestep_shift)
         self.register_buffer("scale_factor", torch.tensor(math.nan if scale_factor is None else scale_factor))
         self._scale_factor_ready = scale_factor is not None
         self.ema = EMA(self.trainable, decay=ema_decay) if ema_decay > 0 else None
@@ -89,8 +99,10 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---------------------------------------------------------------- latents
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.first_stage.encode(images).sample() * self.scale_factor
+    def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Scaled latents: a posterior draw per image, row i from generators[i] (img2img seeds), else global RNG."""
+        posterior = self.first_stage.encode(images)
+        return posterior_sample(posterior.mean, posterior.std, generators) * self.scale_factor
 
     @torch.no_grad()
     def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -130,20 +142,12 @@ class LatentDiffusion(pl.LightningModule):
     def diffusion_losses(
         self, batch: dict[str, Any], generator: torch.Generator | None = None, p_uncond: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample losses and their timesteps: ||target - UNet(z_t, t, c)||^2 (LDM paper, Eq. 2)."""
+        """Per-sample losses and their timesteps (LDM paper, Eq. 2; ldm.diffusion.objective)."""
         latents = self.batch_latents(batch, generator) * self.scale_factor
         n = latents.shape[0]
         drop = drop_mask(n, p_uncond, generator=generator, device=self.device) if p_uncond > 0 else None
         cond = self.conditioning(batch, drop)
-        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=self.device, generator=generator)
-        noise = torch.randn(latents.shape, device=self.device, generator=generator, dtype=latents.dtype)
-        noisy = self.schedule.q_sample(latents, t, noise)
-        prediction = self(noisy, t, cond)
-        target = self.schedule.training_target(latents, noise, t, self.hparams.prediction_type)
-        weights = None
-        if self.hparams.min_snr_gamma is not None:
-            weights = self.schedule.loss_weights(t, self.hparams.prediction_type, self.hparams.min_snr_gamma)
-        return diffusion_loss(prediction, target, weights, self.hparams.loss_type), t
+        return self.objective(lambda z, t: self(z, t, cond), self.schedule, latents, generator)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self._scale_factor_ready:
@@ -207,62 +211,41 @@ class LatentDiffusion(pl.LightningModule):
         return self.ema.swap(self.trainable) if self.ema is not None else nullcontext()
 
     # ---------------------------------------------------------------- sampling
+    def pipeline(self) -> LatentPipeline:
+        """Conditions -> images with this model's nets (ldm.diffusion.pipeline)."""
+        return LatentPipeline(
+            lambda x, t, c: self.unet(x, t, **c), self.conditioner, self.schedule, self.encode, self.decode,
+            self.first_stage.embed_dim, self.first_stage.downsampling_factor, self.hparams.prediction_type,
+            self.device,
+        )
+
     @torch.no_grad()
     def generate(
         self,
         conditions: Sequence[str] | torch.Tensor | None = None,
         num_samples: int | None = None,
+        settings: SamplerSettings | dict | None = None,
         *,
-        sampler: str = "ddim",
-        steps: int = 50,
-        eta: float = 0.0,
-        cfg_scale: float = 5.0,
-        seed: int = 0,
         seed_offset: int = 0,
         image_size: int | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
         progress: bool = False,
+        **overrides: Any,
     ) -> torch.Tensor:
-        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models).
-
+        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), sampled
+        with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
         Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
-        n = len(conditions) if conditions is not None else num_samples
-        if n is None:
-            raise ValueError("generate() needs `conditions` (prompts or class labels) or `num_samples`.")
-        size = (image_size or self.hparams.image_size) // self.first_stage.downsampling_factor
-        shape = (n, self.first_stage.embed_dim, size, size)
-        if isinstance(conditions, torch.Tensor):
-            conditions = conditions.to(self.device)
-        cond = self.conditioner(conditions, drop_mask=None)
-        uncond = None
-        if cfg_scale != 1.0 and self.conditioner.batch_key is not None:
-            uncond = self.conditioner(conditions, drop_mask=torch.ones(n, dtype=torch.bool, device=self.device))
-        init_latent = self.encode(init_images.to(self.device)) if init_images is not None else None
-        latents = sample(
-            lambda x, t, c: self.unet(x, t, **c),
-            self.schedule,
-            shape,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            cond=cond,
-            uncond=uncond,
-            cfg_scale=cfg_scale,
-            prediction_type=self.hparams.prediction_type,
-            generators=make_generators(seed + seed_offset, n),  # CPU generators: same samples on any device
-            init_latent=init_latent,
-            strength=strength,
-            progress=progress,
-            device=self.device,
+        return self.pipeline()(
+            conditions, num_samples, SamplerSettings.of(settings, **overrides),
+            image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
+            strength=strength, progress=progress,
         )
-        return self.decode(latents).clamp(-1, 1)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        lr = self.hparams.learning_rate
-        if self.hparams.scale_lr:
-            lr *= global_batch_size(self.trainer, self.hparams.batch_size)
+        lr = effective_learning_rate(self.hparams.learning_rate, self.hparams.scale_lr, self._trainer,
+                                     self.hparams.batch_size)
         optimizer = torch.optim.AdamW(
             self.trainable.parameters(),
             lr=lr,

@@ -25,7 +25,9 @@ class UNetModel(nn.Module):
     (B, class_embed_dim) projected by `label_emb` and added to the time embedding; channel
     concatenation is the caller's job (raise `in_channels`). `attention_resolutions` are
     downsampling rates (1 = full resolution). Set exactly one of `num_heads` (fixed head count,
-    SD 1.x) and `num_head_channels` (fixed head width, SD 2.x).
+    SD 1.x) and `num_head_channels` (fixed head width, SD 2.x). `context_mask` (B, L) bool restricts
+    cross-attention to the true tokens (a key-padding mask); `spatial_positional_embedding` adds fixed 2-D
+    position codes to the tokens of every SpatialTransformer (no weights: the SD key layout is unchanged).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         use_checkpoint: bool = False,
         norm_groups: int = 32,
+        spatial_positional_embedding: bool = False,
     ) -> None:
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
@@ -67,7 +70,7 @@ class UNetModel(nn.Module):
             heads, head_width = _head_layout(channels, num_heads, num_head_channels)
             return SpatialTransformer(
                 channels, heads, head_width, transformer_depth, context_dim,
-                use_linear_in_transformer, dropout, norm_groups,
+                use_linear_in_transformer, dropout, norm_groups, spatial_positional_embedding,
             )
 
         self.time_embed = nn.Sequential(
@@ -115,10 +118,12 @@ class UNetModel(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None
+        self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
         """x: (B, in_channels, H, W); timesteps: (B,) or scalar, int or float -> (B, out_channels, H, W)."""
         self._check_inputs(x, context, y)
+        _check_context_mask(context, context_mask)
         if timesteps.ndim == 0:  # one timestep for the whole batch
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.model_channels).to(x.dtype)
@@ -128,18 +133,19 @@ class UNetModel(nn.Module):
 
         h, skips = x, []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, emb, context, context_mask)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        h = self._run(self.middle_block, h, emb, context, context_mask)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
 
-    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor | None,
+             context_mask: Tensor | None) -> Tensor:
         """Gradient checkpointing trades a second forward of each block for its activation memory."""
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, context_mask, use_reentrant=False)
+        return block(h, emb, context, context_mask)
 
     def _check_inputs(self, x: Tensor, context: Tensor | None, y: Tensor | None) -> None:
         height, width = x.shape[-2:]
@@ -246,15 +252,26 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the time embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None,  # type: ignore[override]
+                context_mask: Tensor | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_mask)
             else:
                 x = layer(x)
         return x
+
+
+def _check_context_mask(context: Tensor | None, mask: Tensor | None) -> None:
+    if mask is None:
+        return
+    if context is None:
+        raise ValueError("UNetModel: got a context_mask without a context; the mask marks the context's true tokens")
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(context.shape[:2]):
+        raise ValueError(f"UNetModel: context_mask must be a bool tensor of shape (B, L) = {tuple(context.shape[:2])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
 
 
 def _head_layout(channels: int, num_heads: int, num_head_channels: int) -> tuple[int, int]:

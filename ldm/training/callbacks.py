@@ -22,7 +22,8 @@ from ldm.evaluation.image_sources import (
     data_identity,
     datamodule_identity,
 )
-from ldm.inference.sampling import SamplerSettings, as_model_inputs
+from ldm.diffusion.settings import SamplerSettings
+from ldm.inference.sampling import as_model_inputs
 from ldm.metrics import images_to_uint8
 from ldm.utils.images import log_image_grid, save_image_grid
 
@@ -30,21 +31,19 @@ from ldm.utils.images import log_image_grid, save_image_grid
 class SampleGrid(pl.Callback):
     """Every `every_n_steps` (and at the end), sample a grid with the EMA weights: one row per prompt
     (text models) or class (class models), fixed seeds, so grids are comparable across the run.
-    PNG in `<run dir>/images/samples_step{step}.png` and to the logger."""
+    PNG in `<run dir>/images/samples_step{step}.png` and to the logger. `sampling`: a SamplerSettings or
+    a `sampling` config node (configs/sampling/)."""
 
     def __init__(
         self,
         every_n_steps: int = 500,
-        sampler: str = "ddim",
-        steps: int = 50,
-        cfg_scale: float = 5.0,
-        seed: int = 0,
+        sampling: SamplerSettings | Mapping[str, Any] | None = None,
         prompts: Sequence[str] = (),
         classes: Sequence[int] = (),
         samples_per_condition: int = 4,
     ) -> None:
         self.every_n_steps = every_n_steps
-        self.sampling = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+        self.settings = SamplerSettings.of(sampling)
         self.prompts = list(prompts)
         self.classes = list(classes)
         self.samples_per_condition = samples_per_condition
@@ -79,7 +78,7 @@ class SampleGrid(pl.Callback):
         pl_module.eval()
         # every rank samples (FSDP needs all ranks in a forward); only rank 0 writes
         with pl_module.ema_weights():
-            images = pl_module.generate(conditions, num_samples, **self.sampling)
+            images = pl_module.generate(conditions, num_samples, self.settings)
         pl_module.train(was_training)
         if not trainer.is_global_zero:
             return None
@@ -111,11 +110,7 @@ class EvaluationCallback(pl.Callback):
         self,
         every_n_steps: int = 1000,
         num_samples: int = 256,
-        sampler: str = "ddim",
-        steps: int = 50,
-        eta: float = 0.0,
-        cfg_scale: float = 5.0,
-        seed: int = 0,
+        sampling: SamplerSettings | Mapping[str, Any] | None = None,
         batch_size: int = 32,
         features: Mapping[str, Any] | str = "auto",
         k: int = 3,
@@ -124,10 +119,11 @@ class EvaluationCallback(pl.Callback):
         cache_dir: str = ".cache/metrics",
         data_identity: Any = None,
     ) -> None:
-        """`features` as in configs/features/ (a name or `{name: ..., **kwargs}`); `data_identity` names the
-        reference data for the statistics cache (the data config), default: the datamodule's hparams."""
+        """`sampling` as SampleGrid's; `features` as in configs/features/ (a name or `{name: ..., **kwargs}`);
+        `data_identity` names the reference data for the statistics cache (the data config), default: the
+        datamodule's hparams."""
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
-        self.settings = SamplerSettings(sampler, steps, eta, cfg_scale, seed)
+        self.settings = SamplerSettings.of(sampling)
         features = {"name": features} if isinstance(features, str) else dict(features)
         self.options = EvaluationOptions(features=features, k=k, density_k=density_k, num_real=num_real,
                                          cache_dir=cache_dir, batch_size=batch_size)
@@ -209,11 +205,7 @@ class EvaluationCallback(pl.Callback):
         batches = []
         for offset in range(0, share, self.batch_size):
             chunk = mine[offset:offset + self.batch_size]
-            images = pl_module.generate(
-                as_model_inputs(chunk), len(chunk), sampler=self.settings.sampler, steps=self.settings.steps,
-                eta=self.settings.eta, cfg_scale=self.settings.cfg_scale, seed=self.settings.seed,
-                seed_offset=first + offset,
-            )
+            images = pl_module.generate(as_model_inputs(chunk), len(chunk), self.settings, seed_offset=first + offset)
             batches.append(images_to_uint8(images))
         local = torch.cat(batches)
         gathered = trainer.strategy.all_gather(local)  # (world, share, 3, H, W); unchanged on one device

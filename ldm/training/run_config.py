@@ -9,8 +9,9 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 
-def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra")) -> str:
-    """A short stable hash of a resolved config, ignoring where things are written."""
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra", "sampling")) -> str:
+    """A short stable hash of a resolved config, ignoring where things are written and how samples are drawn
+    (`sampling` changes no trained weight, so a stage-1 model cached before the group existed still matches)."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     for key in exclude:
         container.pop(key, None)
