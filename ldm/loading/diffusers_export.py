@@ -33,6 +33,7 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True) -> list[str]:
     (also listed in `out_dir/README.md`), e.g. a text encoder diffusers has no class for."""
     unet_cfg, vae_cfg = dict(model.hparams["unet"]), dict(model.hparams["first_stage"])
     _check_exportable(unet_cfg, vae_cfg)
+    model_index = _model_index()  # before anything is written: needs the diffusers package
     weights = model_weights(model, use_ema)
     factor = model.first_stage.downsampling_factor
     components = {
@@ -49,7 +50,7 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True) -> list[str]:
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"),
                 diffusers_scheduler_config(dict(model.hparams.get("schedule") or {}), model.hparams["prediction_type"]))
-    _write_json(os.path.join(out_dir, "model_index.json"), _model_index())
+    _write_json(os.path.join(out_dir, "model_index.json"), model_index)
     not_exported = _not_exported(model.conditioner)
     _write_readme(out_dir, not_exported, use_ema)
     return not_exported
@@ -231,7 +232,11 @@ def _not_exported(conditioner) -> list[str]:
 
 
 def _model_index() -> dict[str, Any]:
-    import diffusers
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("format=diffusers records the diffusers version in model_index.json: install the extra "
+                         "with pip install -e '.[diffusers]' (make install includes it).") from None
 
     absent = [None, None]
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,

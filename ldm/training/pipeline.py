@@ -21,6 +21,7 @@ from ldm.training.preemption import (
     fault_tolerance_callbacks,
     find_resume_checkpoint,
 )
+from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path
 from ldm.training.stages import ensure_first_stage, needs_first_stage
 
@@ -58,7 +59,8 @@ def train(cfg: DictConfig) -> TrainResult:
     callbacks += fault_tolerance_callbacks(cfg.seed, output_dir)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        enable_progress_bar=progress_bar_enabled(cfg.trainer.get("enable_progress_bar")),
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if ckpt_path is None and (ckpt_path := find_resume_checkpoint(output_dir)):
@@ -67,7 +69,7 @@ def train(cfg: DictConfig) -> TrainResult:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     last_ckpt = os.path.join(output_dir, "checkpoints", "last.ckpt")
-    trainer.save_checkpoint(last_ckpt)
+    trainer.save_checkpoint(last_ckpt, weights_only=False)  # full: resumable (loading stays weights-only)
     log.info("Finished: %s", last_ckpt)
     if trainer.is_global_zero:
         run_after_training(cfg.get("after_training"), last_ckpt, output_dir)
