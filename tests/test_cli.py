@@ -62,6 +62,12 @@ def test_a_mistyped_option_in_a_sweep_is_found_before_anything_runs(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no multirun directory for the valid first job either
 
 
+def test_a_sweep_without_multirun_says_to_add_m(tmp_path):
+    proc = run("train.py", "experiment=ae_kl_f4,ae_kl_f8", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "experiment=ae_kl_f4,ae_kl_f8 is a sweep: add -m" in one_line(proc.stderr)
+
+
 def test_a_required_data_key_is_named_with_an_example(tmp_path):
     proc = run("train.py", "data=webdataset", cwd=tmp_path)
     assert proc.returncode == 2

@@ -93,16 +93,22 @@ def check_command_line(config_name: str, argv: Sequence[str], script: str) -> No
     """Raise `UsageError` if Hydra would refuse `argv`, or if a required (`???`) value is left unset.
 
     A command with flags other than `-m` is left to Hydra, and so is what cannot be checked without running
-    (glob and interval sweeps), so it never refuses a command Hydra accepts. A multirun sweep is checked value by value (`experiment=a,b`: both)."""
+    (glob and interval sweeps), so it never refuses a command Hydra accepts. A multirun sweep is checked value
+    by value (`experiment=a,b`: both)."""
     if any(arg.startswith("-") and arg not in MULTIRUN_FLAGS for arg in argv):
         return
+    overrides = [arg for arg in argv if arg not in MULTIRUN_FLAGS]
     try:
-        jobs = sweep_variants([arg for arg in argv if arg not in MULTIRUN_FLAGS])
+        jobs = sweep_variants(overrides)
+        sweeps = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
     except OverrideParseException as error:
         raise UsageError(first_line(error)) from None  # Hydra's message links the override grammar
     cfg = compose_or_explain(config_name, jobs[0], script)
-    for overrides in jobs[1:]:
-        compose_or_explain(config_name, overrides, script)
+    for job in jobs[1:]:
+        compose_or_explain(config_name, job, script)
+    multirun = len(overrides) < len(argv) or str(cfg.hydra.get("mode")) == "RunMode.MULTIRUN"
+    if sweeps and not multirun:
+        raise UsageError(f"{sweeps[0]} is a sweep: add -m to run one job per value (python {script} -m ...).")
     missing = missing_keys(cfg)
     if missing:
         key = missing[0]
