@@ -169,9 +169,10 @@ def explain_composition_error(error: ConfigCompositionException, config_name: st
             return first_line(error)
         except ConfigCompositionException as other:  # another unknown key: drop it too, name the first
             again = re.match(r"Could not override '([^']+)'", str(other))
-            if not again:
+            fewer = [o for o in rest if not again or parser.parse_override(o).key_or_group != again.group(1)]
+            if len(fewer) == len(rest):
                 return first_line(error)
-            rest = [o for o in rest if parser.parse_override(o).key_or_group != again.group(1)]
+            rest = fewer
     candidates = known_keys(known, with_hydra=key.startswith("hydra"))
     if key in candidates:  # the key exists: the value is what Hydra refused
         return first_line(error)
