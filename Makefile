@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test quickstart benchmarks clean
+.PHONY: install test test-fast quickstart benchmarks clean
 
 install: $(STAMP)
 
 # torch first, pinned: these builds lie on local disk here; other builds are multi-GB downloads.
+# The dev extra adds pytest and the optuna and diffusers extras the suite uses.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -18,8 +19,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# PYTEST_ARGS narrows a run, e.g. make test-fast PYTEST_ARGS='tests/test_cli.py -x'
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the edit loop: everything but the end-to-end runs marked slow
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 quickstart: install
 	$(PY) train.py

@@ -185,7 +185,8 @@ def test_train_composes_the_evaluation_callback_beside_ldm_callbacks(tmp_path):
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=quickstart", "callbacks=[ldm,evaluation]",
                                                       f"paths.output_dir={tmp_path}"])
-    assert list(cfg.callbacks) == ["model_checkpoint", "lr_monitor", "sample_grid", "evaluation"]
+    assert list(cfg.callbacks) == ["model_checkpoint", "lr_monitor", "progress_log", "checkpoint_retention", "sample_grid",
+                                   "evaluation"]
     callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
     assert isinstance(callback, EvaluationCallback)
     assert data_identity(callback.data_identity)["resolution"] == cfg.data.resolution  # the cache key sees the data

@@ -10,11 +10,10 @@ Writes DIR/metrics.json, DIR/metrics.md and (ckpt=) DIR/samples/. See configs/ev
 """
 import logging
 import os
-import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.cli.entry import hydra_entry
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.evaluate import EvaluationOptions, diagnose_checkpoint, evaluate
 from ldm.evaluation.image_sources import reference_images
@@ -27,20 +26,16 @@ SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "den
             "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples")
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+@hydra_entry("evaluate", "evaluate.py", user_errors=(ValueError, FileNotFoundError, WeightsUnavailableError))
 def main(cfg: DictConfig) -> None:
-    try:
-        if cfg.report:
-            log.info("report -> %s", report_of_runs(cfg))
-            return
-        if any(cfg.sweep.values()):
-            log.info("sweep -> %s", sweep_of_settings(cfg))
-            return
-        metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
-                           sampling=_sampling(cfg), **{key: cfg[key] for key in SETTINGS})
-    except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
-        log.error("%s", error)
-        sys.exit(2)
+    if cfg.report:
+        log.info("report -> %s", report_of_runs(cfg))
+        return
+    if any(cfg.sweep.values()):
+        log.info("sweep -> %s", sweep_of_settings(cfg))
+        return
+    metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
+                       sampling=_sampling(cfg), **{key: cfg[key] for key in SETTINGS})
     log.info("%s = %.4f, precision = %.4f, recall = %.4f -> %s/metrics.json",
              metrics["fid_name"], metrics["fid"], metrics["precision"], metrics["recall"], cfg.out)
 

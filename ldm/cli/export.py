@@ -5,11 +5,10 @@ what it could not represent (the text encoder) in DIR/README.md; `format=safeten
 weights and resolved config to one file that `ldm.loading.load_exported` reads back.
 """
 import logging
-import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.cli.entry import hydra_entry
 from ldm.diffusion.settings import SamplerSettings
 from ldm.loading.checkpoints import load_any_latent_diffusion
 from ldm.loading.diffusers_export import export_diffusers
@@ -32,14 +31,10 @@ def export(ckpt: str, format: str, out: str, use_ema: bool = True, preset: str |
     return export_diffusers(model, out, use_ema=False, sampling=SamplerSettings.of(sampling))
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+@hydra_entry("export", "python -m ldm.cli.export", user_errors=(ValueError, FileNotFoundError))
 def main(cfg: DictConfig) -> None:
-    try:
-        not_exported = export(cfg.ckpt, cfg.format, cfg.out, cfg.use_ema, cfg.preset,
-                              OmegaConf.to_container(cfg.sampling, resolve=True))
-    except (ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
-        sys.exit(2)
+    not_exported = export(cfg.ckpt, cfg.format, cfg.out, cfg.use_ema, cfg.preset,
+                          OmegaConf.to_container(cfg.sampling, resolve=True))
     for item in not_exported:
         log.warning("Not exported: %s", item)
     log.info("Wrote %s (%s)", cfg.out, cfg.format)

@@ -5,28 +5,23 @@
 Writes DIR/00000.png ..., DIR/grid.png (one row per prompt / class) and DIR/samples.json.
 """
 import logging
-import sys
 
-import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.cli.entry import hydra_entry
 from ldm.inference.sampling import sample_checkpoint
 
 log = logging.getLogger("sample")
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
+@hydra_entry("sample", "sample.py", user_errors=(ValueError, FileNotFoundError))
 def main(cfg: DictConfig) -> None:
-    try:
-        records = sample_checkpoint(
-            cfg.ckpt, cfg.out, prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,
-            class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size,
-            sampling=OmegaConf.to_container(cfg.sampling, resolve=True), use_ema=cfg.use_ema,
-            device=cfg.device, precision=cfg.precision,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
-        sys.exit(2)
+    records = sample_checkpoint(
+        cfg.ckpt, cfg.out, prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,
+        class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size,
+        sampling=OmegaConf.to_container(cfg.sampling, resolve=True), use_ema=cfg.use_ema,
+        device=cfg.device, precision=cfg.precision,
+    )
     log.info("Wrote %d samples, grid.png and samples.json to %s", len(records), cfg.out)
 
 

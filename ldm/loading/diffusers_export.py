@@ -43,6 +43,7 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True, sampling: Sample
     settings = SamplerSettings.of(sampling)
     unet_cfg, vae_cfg = dict(model.hparams["unet"]), dict(model.hparams["first_stage"])
     _check_exportable(unet_cfg, vae_cfg)
+    diffusers_version = _diffusers_version()  # before anything is written: needs the diffusers package
     weights = model_weights(model, use_ema)
     factor = model.first_stage.downsampling_factor
     components = {
@@ -59,7 +60,7 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True, sampling: Sample
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     scheduler = diffusers_scheduler_config(model.schedule, model.hparams["prediction_type"], settings)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler)
-    _write_json(os.path.join(out_dir, "model_index.json"), _model_index(scheduler["_class_name"]))
+    _write_json(os.path.join(out_dir, "model_index.json"), _model_index(scheduler["_class_name"], diffusers_version))
     not_exported = _not_exported(model.conditioner)
     _write_readme(out_dir, not_exported, use_ema)
     return not_exported
@@ -251,11 +252,19 @@ def _not_exported(conditioner) -> list[str]:
     return items
 
 
-def _model_index(scheduler: str) -> dict[str, Any]:
-    import diffusers
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("format=diffusers records the diffusers version in model_index.json: install the extra "
+                         "with pip install -e '.[diffusers]' (make install includes it).") from None
+    return diffusers.__version__
+
+
+def _model_index(scheduler: str, diffusers_version: str) -> dict[str, Any]:
 
     absent = [None, None]
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", scheduler], "text_encoder": absent, "tokenizer": absent,
             "safety_checker": absent, "feature_extractor": absent, "requires_safety_checker": False}

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 
+from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.evaluate import (
     EvaluationOptions,
     build_features,
@@ -22,7 +23,6 @@ from ldm.evaluation.image_sources import (
     data_identity,
     datamodule_identity,
 )
-from ldm.diffusion.settings import SamplerSettings
 from ldm.inference.sampling import as_model_inputs
 from ldm.metrics import images_to_uint8
 from ldm.utils.images import log_image_grid, save_image_grid

@@ -22,6 +22,7 @@ from ldm.training.preemption import (
     fault_tolerance_callbacks,
     find_resume_checkpoint,
 )
+from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
 from ldm.utils.ranks import is_global_zero_from_env
@@ -68,7 +69,8 @@ def train(cfg: DictConfig) -> TrainResult:
     loggers = build_loggers(cfg.get("logger"), output_dir)
     log_run_config(loggers, cfg, {"git_commit": git_commit(), **parameter_counts(model)})
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        enable_progress_bar=progress_bar_enabled(cfg.trainer.get("enable_progress_bar")),
     )
     if ckpt_path is None and (ckpt_path := find_resume_checkpoint(output_dir)):
         log.info("Resuming the interrupted run in %s from %s", output_dir, ckpt_path)
@@ -76,7 +78,7 @@ def train(cfg: DictConfig) -> TrainResult:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     last_ckpt = os.path.join(output_dir, "checkpoints", "last.ckpt")
-    trainer.save_checkpoint(last_ckpt)
+    trainer.save_checkpoint(last_ckpt, weights_only=False)  # full: resumable (loading stays weights-only)
     log.info("Finished: %s", last_ckpt)
     if trainer.is_global_zero:
         run_after_training(cfg.get("after_training"), last_ckpt, output_dir)

@@ -52,7 +52,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)  # every rank takes part (sharded states, barrier)
+            # full (resumable); every rank takes part (sharded states, barrier)
+            trainer.save_checkpoint(self.path, weights_only=False)
             log.warning("Preempted at step %d: saved %s. Resume with ckpt_path=last (or ckpt_path=%s).",
                         trainer.global_step, self.path, self.path)
 
