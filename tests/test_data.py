@@ -219,7 +219,8 @@ def test_resume_mid_epoch_from_state_yields_exactly_the_remaining_batches(tmp_pa
     iterator = iter(loader)
     first = [next(iterator) for _ in range(consumed)]
     state = straight.state_dict()
-    assert state == {"epoch": 1, "batches_consumed": consumed}
+    taken = [(consumed + 1) // 2, consumed // 2] if consumed <= 10 else [consumed - 5, 5]  # round-robin
+    assert state == {"epoch": 1, "batches_consumed": consumed, "samples_read": [3 * n for n in taken]}
     remaining = list(iterator)
 
     resumed = shapes_module(str(tmp_path), num_train=35, num_workers=2, batch_size=3)
@@ -228,7 +229,7 @@ def test_resume_mid_epoch_from_state_yields_exactly_the_remaining_batches(tmp_pa
     assert [b["key"] for b in replay] == [b["key"] for b in remaining] and len(first) + len(replay) == 12
     for a, b in zip(replay, remaining):
         torch.testing.assert_close(a["image"], b["image"])
-    assert resumed.state_dict() == {"epoch": 2, "batches_consumed": 0}
+    assert resumed.state_dict() == {"epoch": 2, "batches_consumed": 0, "samples_read": None}
 
 
 def test_trainer_checkpoint_mid_epoch_resumes_the_same_batches(shapes_root, tmp_path):
