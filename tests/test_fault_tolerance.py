@@ -294,3 +294,82 @@ def test_gradient_clipping_on_the_manually_optimised_autoencoder_is_a_clear_erro
                  "model.loss.perceptual_weight=0", "trainer.gradient_clip_val=1.0"]
     with pytest.raises(ValueError, match="gradient_clip_val=null for stage 1"):
         run_train(overrides)
+
+
+# ----------------------------------------------------------------------------- SLURM: signals to the process group
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_to_the_whole_process_group_saves_last_checkpoint_with_dataloader_workers(tmp_path, data_dir, signum):
+    """SLURM signals every process of the job step, DataLoader workers included: they must ignore it, and the
+    main process checkpoint and exit 143 as when it alone is signalled."""
+    steps = tmp_path / "step"
+    proc = start(stage1_command(tmp_path, data_dir, "first", "trainer.max_steps=100000", "data.num_workers=1",
+                                "+callbacks.steps._target_=test_fault_tolerance.StepFile",
+                                f"+callbacks.steps.path={steps}"))
+    wait_for(lambda: read_step(steps) >= 3, proc)
+    os.killpg(proc.pid, signum)  # kill -TERM -- -PGID: the main process and its worker
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "is killed by signal" not in out
+    last = load_checkpoint(tmp_path / "ae_kl_f8" / "runs" / "first" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == read_step(steps) >= 3
+
+
+# ----------------------------------------------------------------------------- "train longer": N == N/2 + N/2
+def assert_same_tree(actual, expected, where: str = "") -> None:
+    """Equal nested checkpoint entries: tensors to float tolerance, everything else exactly."""
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=where)
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_same_tree(actual[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_tree(a, e, f"{where}/{i}")
+    else:
+        assert actual == expected, where
+
+
+def assert_same_training_state(actual_ckpt: str, expected_ckpt: str) -> None:
+    """Weights (EMA included), optimizer and LR-scheduler states, step and data position are identical."""
+    actual, expected = load_checkpoint(actual_ckpt), load_checkpoint(expected_ckpt)
+    assert actual["global_step"] == expected["global_step"]
+    assert_same_state(actual["state_dict"], expected["state_dict"])
+    assert_same_tree(actual["optimizer_states"], expected["optimizer_states"], "optimizer_states")
+    assert_same_tree(actual["lr_schedulers"], expected["lr_schedulers"], "lr_schedulers")
+    data_state = [key for key in expected if key.endswith("DataModule")]
+    assert data_state and actual[data_state[0]] == expected[data_state[0]]
+
+
+def train_longer(overrides: list[str], steps: int) -> tuple[str, str]:
+    """(last.ckpt of `steps` straight, last.ckpt of steps/2 to the end then continued to `steps`)."""
+    straight = run_train([*overrides[0], f"trainer.max_steps={steps}"])
+    half = run_train([*overrides[1], f"trainer.max_steps={steps // 2}"])
+    continued = run_train([*overrides[2], f"trainer.max_steps={steps}", f"ckpt_path={half.last_ckpt}"])
+    assert continued.trainer.global_step == straight.trainer.global_step == steps
+    return continued.last_ckpt, straight.last_ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps, workers", [(10, 0), (16, 2)], ids=["mid_epoch", "epoch_end_2_workers"])
+def test_autoencoder_trained_longer_equals_a_straight_run(tmp_path, data_dir, steps, workers):
+    """Epochs of 8 batches: 5 of 10 stop mid-epoch, 8 of 16 at the end of an epoch (2 workers: 4 + 4)."""
+    def overrides(name: str) -> list[str]:
+        return ["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, name), f"data.num_workers={workers}",
+                "model.loss.perceptual_weight=0", "model.loss.disc_start=3", "trainer.val_check_interval=4"]
+
+    assert_same_training_state(*train_longer([overrides("straight"), overrides("half"), overrides("longer")], steps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [6, 8], ids=["mid_epoch", "epoch_end"])
+def test_latent_diffusion_trained_longer_equals_a_straight_run(tmp_path, data_dir, first_stage_ckpt, steps):
+    """Epochs of 4 batches: 3 of 6 stop mid-epoch, 4 of 8 at the end of an epoch."""
+    runs = [ldm_overrides(tmp_path, data_dir, first_stage_ckpt, name, 0) for name in ("straight", "half", "longer")]
+    assert_same_training_state(*train_longer(runs, steps))
