@@ -113,3 +113,19 @@ def test_first_stage_reads_the_parent_data_set_with_its_own_batch_size_and_overr
     assert stage1.data.num_workers == 0 and stage1.trainer.max_steps == 7  # explicit first_stage.overrides
     assert stage1.data.num_train == 500 and stage1.data.root == parent.data.root  # the parent's data set
     assert stage1.model.vae.ch_mult == [1, 2, 4]  # quickstart's f=4 first stage
+
+
+@pytest.mark.parametrize("data", ["shapes", "webdataset"])
+def test_class_models_pass_their_class_count_to_the_data_layer_and_stage_one_reads_no_labels(data, tmp_path):
+    """A .cls outside the model's classes is skipped where it is decoded, not raised by the conditioner later."""
+    import hydra
+
+    extra = [f"data.train_urls={tmp_path}/x.tar"] if data == "webdataset" else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ldm_f8_class", "size=tiny", f"data={data}",
+                                          "model.conditioner.num_classes=7", f"paths.data_dir={tmp_path}", *extra])
+        stage1 = first_stage_config(cfg)
+    assert hydra.utils.instantiate(cfg.data).num_classes == 7
+    assert "num_classes" not in stage1.data  # stage 1 reads no labels: its cache key is unchanged
+    text = compose_train(["experiment=ldm_f8_text", "size=tiny", f"paths.data_dir={tmp_path}"])
+    assert hydra.utils.instantiate(text.data).num_classes is None
