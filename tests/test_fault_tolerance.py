@@ -373,3 +373,53 @@ def test_latent_diffusion_trained_longer_equals_a_straight_run(tmp_path, data_di
     """Epochs of 4 batches: 3 of 6 stop mid-epoch, 4 of 8 at the end of an epoch."""
     runs = [ldm_overrides(tmp_path, data_dir, first_stage_ckpt, name, 0) for name in ("straight", "half", "longer")]
     assert_same_training_state(*train_longer(runs, steps))
+
+
+# ----------------------------------------------------------------------------- scale_factor from finite latents
+def cached_latent_batch(means: torch.Tensor) -> dict:
+    """A cached-latent batch with zero std: its latents are exactly `means` (no random draw)."""
+    return {"latent_mean": means, "latent_std": torch.zeros_like(means)}
+
+
+@pytest.fixture
+def unscaled_model():
+    from test_export import TINY_MODEL
+
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    return LatentDiffusion(**{**TINY_MODEL, "scale_factor": None})
+
+
+def test_scale_factor_ignores_samples_with_nonfinite_latents(unscaled_model):
+    means = torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * 3
+    poisoned = means.clone()
+    poisoned[1, 0, 0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="1 of 4 samples of the first batch have NaN/inf latents"):
+        unscaled_model._init_scale_factor(cached_latent_batch(poisoned))
+    expected = 1 / means[[0, 2, 3]].flatten().std()
+    torch.testing.assert_close(unscaled_model.scale_factor, expected)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0], ids=["all_nonfinite", "constant"])
+def test_scale_factor_from_an_unusable_first_batch_is_refused_with_a_message_about_the_data(unscaled_model, value):
+    with pytest.raises(ValueError, match=r"scale_factor from the first batch.*check the data.*model.scale_factor="):
+        unscaled_model._init_scale_factor(cached_latent_batch(torch.full((2, 4, 2, 2), value)))
+
+
+class InjectInf(pl.Callback):
+    """Makes one image of the first training batch +inf (before the model estimates scale_factor from it)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            batch["image"][0].fill_(float("inf"))
+
+
+def test_an_inf_image_in_the_first_batch_does_not_poison_scale_factor(tmp_path, data_dir, first_stage_ckpt):
+    overrides = [*ldm_overrides(tmp_path, data_dir, first_stage_ckpt, "inf", 0), "trainer.max_steps=3",
+                 "model.max_nonfinite_steps=2", "+callbacks.inf._target_=test_fault_tolerance.InjectInf"]
+    with pytest.warns(UserWarning, match="NaN/inf latents"):
+        result = run_train(overrides)
+    # only the first step (its batch holds the inf image) is skipped; a NaN scale would make every step NaN
+    assert result.trainer.global_step == 3 and result.trainer.lightning_module.nonfinite_guard.skipped_steps() == 1
+    scale = trained_state(result.last_ckpt)["scale_factor"]
+    assert torch.isfinite(scale) and scale > 0
