@@ -289,6 +289,38 @@ def test_autoencoder_skips_nonfinite_steps_and_counts_them(tmp_path, data_dir):
     assert result.trainer.lightning_module.nonfinite_steps == 2
 
 
+def test_autoencoder_stopped_by_the_guard_saves_its_last_good_weights_in_this_run_and_names_them(tmp_path, data_dir):
+    """Skipped stage-1 steps do not advance global_step, so no periodic checkpoint is written during a run of
+    them: the stop itself must save the (still good) weights, here, and say where."""
+    run_dir = tmp_path / "ae_stop"
+    overrides = ["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, "ae_stop"), "data.num_workers=0",
+                 "model.loss.perceptual_weight=0", "trainer.max_steps=10", "trainer.val_check_interval=10",
+                 "model.max_nonfinite_steps=3", *nan_overrides("ae_stop", [1, 2, 3, 4], ["vae."]),
+                 "callbacks.model_checkpoint.every_n_train_steps=500"]
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row") as stopped:
+        run_train(overrides)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert f"saved in {last}" in str(stopped.value) and f"ckpt_path={last}" in str(stopped.value)
+    saved = load_checkpoint(last)
+    assert saved["global_step"] == 1  # the one good step
+    assert CHANGES["ae_stop"] == {0: True, 1: False, 2: False}  # the NaN batches left the weights alone
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_stale_partial_checkpoints_of_killed_writes_are_removed_at_start_up(tmp_path, data_dir):
+    checkpoints = tmp_path / "ae_tmp" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    stale = [checkpoints / ".last.ckpt.4242.0123abcd.tmp", checkpoints / ".step0000002.ckpt.77.deadbeef.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 4096)  # what a SIGKILL during save_atomic leaves
+    kept = checkpoints / "notes.tmp"
+    kept.write_text("not ours")
+    run_train(["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, "ae_tmp"), "data.num_workers=0",
+               "model.loss.perceptual_weight=0", "trainer.max_steps=1", "trainer.val_check_interval=1"])
+    assert not any(path.exists() for path in stale) and kept.exists()
+    assert (checkpoints / "last.ckpt").is_file()
+
+
 def test_gradient_clipping_on_the_manually_optimised_autoencoder_is_a_clear_error(tmp_path, data_dir):
     overrides = ["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, "ae_clip"), "trainer.max_steps=1",
                  "model.loss.perceptual_weight=0", "trainer.gradient_clip_val=1.0"]

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
+TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # save_atomic's `.{name}.{pid}.{random}.tmp`
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -72,6 +73,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # (TEMPORARY_NAME matches it: remove_stale_temporaries finds what a killed write left behind)
     # os.open with 0o666 honours the umask, unlike tempfile.mkstemp (always 0o600)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -85,6 +87,19 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             os.remove(temporary)
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files of `save_atomic` writes that were killed (SIGKILL, node failure) in
+    `directory`; returns their paths. Call it only where no write can be under way (a run's own checkpoint
+    directory at start-up): each one is a partial checkpoint, often gigabytes."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    stale = [os.path.join(directory, name) for name in sorted(os.listdir(directory)) if TEMPORARY_NAME.match(name)]
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def _unsafe_message(path: str, torch_message: str) -> str:
