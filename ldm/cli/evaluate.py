@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.evaluation.evaluate import evaluate
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
 from ldm.metrics import WeightsUnavailableError
+from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("evaluate")
 SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "density_k", "cache_dir",
@@ -32,7 +33,7 @@ def main(cfg: DictConfig) -> None:
             return
         metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
                            **{key: cfg[key] for key in SETTINGS})
-    except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
+    except (ValueError, FileNotFoundError, WeightsUnavailableError, CorruptCheckpointError, UnsafeCheckpointError) as error:
         log.error("%s", error)
         sys.exit(2)
     log.info("%s = %.4f, precision = %.4f, recall = %.4f -> %s/metrics.json",

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from ldm.inference.sampling import sample_checkpoint
+from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("sample")
 
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> None:
             steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed, use_ema=cfg.use_ema,
             device=cfg.device, precision=cfg.precision,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError) as error:
         log.error("%s", error)
         sys.exit(2)
     log.info("Wrote %d samples, grid.png and samples.json to %s", len(records), cfg.out)

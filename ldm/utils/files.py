@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -47,12 +48,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         )
     if path.endswith(SAFETENSORS_SUFFIX):
         device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-        return load_safetensors(path, device=device)
+        try:
+            return load_safetensors(path, device=device)
+        except SafetensorError as error:
+            raise CorruptCheckpointError(_not_safetensors_message(path, error)) from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise CorruptCheckpointError(f"{path!r} is not a readable torch checkpoint: {error}") from error
+        if "Weights only load failed" not in str(error) or not re.search(r"GLOBAL |Unsupported global", str(error)):
+            reason = str(error).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0].strip()
+            raise CorruptCheckpointError(f"{path!r} is not a readable torch checkpoint ({reason}): it is "
+                                         "truncated or another format.") from None
         raise UnsafeCheckpointError(_unsafe_message(path, str(error))) from None
     except (EOFError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
@@ -100,6 +106,21 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     for path in stale:
         os.remove(path)
     return stale
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file header (empty when it has none)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as error:
+        raise CorruptCheckpointError(_not_safetensors_message(os.fspath(path), error)) from None
+
+
+def _not_safetensors_message(path: str, error: Exception) -> str:
+    return (f"{path!r} is not a readable safetensors file ({error}): it is truncated, or another format renamed "
+            "to .safetensors (a torch .ckpt keeps its .ckpt name). Download or export it again "
+            "(`python -m ldm.cli.export ... format=safetensors`).")
 
 
 def _unsafe_message(path: str, torch_message: str) -> str:
