@@ -172,3 +172,12 @@ def test_lightning_trainer_saves_and_resumes_through_the_plugin(tmp_path, monkey
     restored = _TinyModule.load_from_checkpoint(tmp_path / "resumed" / "last.ckpt")
     assert restored.hparams.net == {"width": 4, "mult": [1, 2]}
     assert torch.equal(restored.layer.weight, resumed.layer.weight)
+
+
+def test_a_file_that_is_not_safetensors_is_refused_naming_it_and_the_fix(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save({"w": torch.ones(1)}, path)  # a torch checkpoint renamed
+    with pytest.raises(CorruptCheckpointError) as error:
+        load_checkpoint(path)
+    assert f"{str(path)!r} is not a readable safetensors file" in str(error.value)
+    assert "a torch .ckpt keeps its .ckpt name" in str(error.value)

@@ -158,3 +158,19 @@ def test_sampling_configs_of_every_entry_point_are_the_group(repo_root):
         assert SamplerSettings.of(OmegaConf.to_container(cfg.sampling)).timestep_spacing == "linspace"
         for key in ("sampler", "steps", "cfg_scale", "eta"):  # restated nowhere else
             assert key not in cfg
+
+
+@pytest.mark.parametrize("data", ["shapes", "webdataset"])
+def test_class_models_pass_their_class_count_to_the_data_layer_and_stage_one_reads_no_labels(data, tmp_path):
+    """A .cls outside the model's classes is skipped where it is decoded, not raised by the conditioner later."""
+    import hydra
+
+    extra = [f"data.train_urls={tmp_path}/x.tar"] if data == "webdataset" else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ldm_f8_class", "size=tiny", f"data={data}",
+                                          "model.conditioner.num_classes=7", f"paths.data_dir={tmp_path}", *extra])
+        stage1 = first_stage_config(cfg)
+    assert hydra.utils.instantiate(cfg.data).num_classes == 7
+    assert "num_classes" not in stage1.data  # stage 1 reads no labels: its cache key is unchanged
+    text = compose_train(["experiment=ldm_f8_text", "size=tiny", f"paths.data_dir={tmp_path}"])
+    assert hydra.utils.instantiate(text.data).num_classes is None

@@ -1,9 +1,11 @@
 """Data layer: shapes spec and determinism, shard round trip, corrupt data, rank/worker splits, resume."""
+import importlib.util
 import io
 import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from ldm.data.shards import expand_urls, update_sizes, write_shard
 from ldm.data.webdataset import ShapesDataModule, WebDataModule
 
 RES = 16
+REPO = Path(__file__).resolve().parents[1]
 CAPTION = re.compile(r"^a (\w+) (circle|square|triangle) at the ([a-z ]+)$")
 
 
@@ -219,7 +222,8 @@ def test_resume_mid_epoch_from_state_yields_exactly_the_remaining_batches(tmp_pa
     iterator = iter(loader)
     first = [next(iterator) for _ in range(consumed)]
     state = straight.state_dict()
-    assert state == {"epoch": 1, "batches_consumed": consumed}
+    taken = [(consumed + 1) // 2, consumed // 2] if consumed <= 10 else [consumed - 5, 5]  # round-robin
+    assert state == {"epoch": 1, "batches_consumed": consumed, "samples_read": [3 * n for n in taken]}
     remaining = list(iterator)
 
     resumed = shapes_module(str(tmp_path), num_train=35, num_workers=2, batch_size=3)
@@ -228,7 +232,7 @@ def test_resume_mid_epoch_from_state_yields_exactly_the_remaining_batches(tmp_pa
     assert [b["key"] for b in replay] == [b["key"] for b in remaining] and len(first) + len(replay) == 12
     for a, b in zip(replay, remaining):
         torch.testing.assert_close(a["image"], b["image"])
-    assert resumed.state_dict() == {"epoch": 2, "batches_consumed": 0}
+    assert resumed.state_dict() == {"epoch": 2, "batches_consumed": 0, "samples_read": None}
 
 
 def test_trainer_checkpoint_mid_epoch_resumes_the_same_batches(shapes_root, tmp_path):
@@ -264,6 +268,107 @@ def test_trainer_checkpoint_mid_epoch_resumes_the_same_batches(shapes_root, tmp_
     straight = fit([SaveAt()])
     resumed = fit(ckpt_path=str(tmp_path / "mid.ckpt"))
     assert len(straight) == 24 and resumed == straight[12:]
+
+
+# --- bad input: skipped and counted where it is decoded, or refused before training ---------------------
+
+def test_resume_after_a_batch_of_only_corrupt_samples_trains_no_sample_twice(tmp_path):
+    """Batch 1 reads two corrupt samples, then reads on to a good one: 3 raw samples, not batch_size."""
+    good = _shapes_samples(7)
+    bad = [(f"bad{i:05d}", {"png": b"not a png", "txt": b"x"}) for i in range(2)]
+    write_shard(str(tmp_path / "a.tar"), good[:2] + bad + good[2:])
+    update_sizes(str(tmp_path), {"a.tar": 9})
+
+    def module() -> WebDataModule:
+        return WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=2, num_workers=0, shuffle_buffer=1)
+
+    straight = module()
+    with pytest.warns(RuntimeWarning, match="cannot be decoded"):
+        iterator = iter(straight.train_dataloader())
+        first = [next(iterator)["key"] for _ in range(2)]
+    assert first == [["00000000", "00000001"], ["00000002"]]
+    state = straight.state_dict()
+    assert state["samples_read"] == [5] and straight.num_skipped == 2
+    remaining = [batch["key"] for batch in iterator]
+
+    resumed = module()
+    resumed.load_state_dict(state)
+    replay = [batch["key"] for batch in resumed.train_dataloader()]
+    assert replay == remaining and replay[0] == ["00000003", "00000004"]
+
+
+@pytest.mark.parametrize("cls, reason", [(b"999", "class 999 is not in [0, 21)"), (b"-1", "class -1 is not in"),
+                                         (b"three", "not an integer"), (None, "has no class (.cls)")])
+def test_class_labels_outside_the_models_classes_are_skipped_and_counted(tmp_path, cls, reason):
+    good = _shapes_samples(3)
+    fields = {"png": good[0][1]["png"], "txt": b"a caption"} | ({"cls": cls} if cls is not None else {})
+    write_shard(str(tmp_path / "a.tar"), [*good, ("badlabel", fields)])
+    dm = WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=4, num_workers=0, num_classes=21)
+    with pytest.warns(RuntimeWarning, match=re.escape(reason)):
+        (batch,) = list(dm.train_dataloader())
+    assert sorted(batch["key"]) == ["00000000", "00000001", "00000002"] and batch["num_skipped"] == 1
+    assert all(0 <= label < 21 for label in batch["class_label"].tolist())
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    good = _shapes_samples(2)
+    write_shard(str(tmp_path / "a.tar"), [*good, ("badtext0", {"png": good[0][1]["png"], "txt": b"\xff\xfe caption"})])
+    dm = WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=3, num_workers=0)
+    with pytest.warns(RuntimeWarning, match="caption .* not UTF-8"):
+        (batch,) = list(dm.train_dataloader())
+    assert sorted(batch["key"]) == ["00000000", "00000001"] and dm.num_skipped == 1
+
+
+def test_latent_cache_labels_are_checked_like_image_labels():
+    from ldm.data.latent_cache import decode_latent_sample
+    from ldm.data.transforms import CorruptSample
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, 2, 2), np.float32))
+    raw = {"__key__": "k", "mean.npy": buffer.getvalue(), "std.npy": buffer.getvalue(), "txt": b"", "cls": b"30"}
+    assert decode_latent_sample(raw)["class_label"] == 30
+    with pytest.raises(CorruptSample, match="class 30 is not in"):
+        decode_latent_sample(raw, num_classes=21)
+
+
+def sixteen_bit_png(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_to_eight_bits_in_training_and_inspection(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("inspect_shards", REPO / "data" / "inspect_shards.py")
+    inspect_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inspect_shards)
+    ramp = np.linspace(0, 65535, RES * RES).reshape(RES, RES)
+    write_shard(str(tmp_path / "a.tar"), [("gray0000", {"png": sixteen_bit_png(ramp), "txt": b"a gray ramp"})])
+    dm = WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=1, num_workers=0)
+    (batch,) = list(dm.train_dataloader())
+    pixels = (batch["image"][0] + 1) * 127.5
+    expected = torch.from_numpy(np.rint(ramp * 255 / 65535)).float()
+    for channel in pixels:  # not clipped at 255 (almost white) but scaled: round(v * 255 / 65535)
+        torch.testing.assert_close(channel, expected, atol=1e-3, rtol=0)
+    summary, thumbnails = inspect_shards.inspect([str(tmp_path / "a.tar")], None, 1, RES)
+    assert summary["corrupt"] == 0
+    torch.testing.assert_close(thumbnails[0][0].float(), expected, atol=0, rtol=0)
+
+
+def test_a_shard_set_without_a_readable_sample_is_an_error_before_training(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.tar").write_bytes(b"this is not a tar file" * 100)
+    dm = WebDataModule(str(tmp_path / "{a,b}.tar"), resolution=RES, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match="hold no readable sample.*inspect_shards.py"):
+        dm.train_dataloader()
+
+
+def test_shards_where_no_sample_decodes_stop_with_a_message_instead_of_reading_forever(tmp_path):
+    bad = [(f"bad{i:05d}", {"png": b"not a png", "txt": b"x"}) for i in range(4)]
+    write_shard(str(tmp_path / "a.tar"), bad)
+    dm = WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=2, num_workers=0)
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="corrupt samples in a row .* no sample decodes"):
+        list(dm.train_dataloader())
 
 
 # --- helpers -------------------------------------------------------------------------------------------

@@ -109,6 +109,28 @@ def test_inception_uses_weights_cached_under_torch_home(empty_torch_home, monkey
     assert extractor.describe()["weights"] == INCEPTION_FILE and "bicubic" in extractor.describe()["preprocessing"]
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("content", ["pickle", "garbage"])
+def test_bad_inception_weights_are_refused_naming_the_file_and_the_release_to_put_there(empty_torch_home, content):
+    checkpoints = os.path.join(empty_torch_home, "hub", "checkpoints")
+    os.makedirs(checkpoints)
+    path = os.path.join(checkpoints, INCEPTION_FILE)
+    if content == "pickle":
+        torch.save({"weights": _RunsCode()}, path)
+    else:
+        with open(path, "wb") as file:
+            file.write(b"<html>rate limited</html>" * 50)  # what a failed download can leave
+    with pytest.raises(WeightsUnavailableError) as error:
+        build_extractor("inception_v3")
+    message = str(error.value)
+    assert f"Replace {path} with the released {INCEPTION_FILE} (from https://" in message
+    assert ("references posix.system" if content == "pickle" else "not a readable torch checkpoint") in message
+
+
 def test_clip_offline_fails_at_once_naming_the_option():
     with pytest.raises(WeightsUnavailableError, match="timm/vit_base_patch32_clip_224.openai.*features.pretrained="):
         build_extractor("clip", arch="ViT-B-32", pretrained="openai")

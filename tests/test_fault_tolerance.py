@@ -289,8 +289,169 @@ def test_autoencoder_skips_nonfinite_steps_and_counts_them(tmp_path, data_dir):
     assert result.trainer.lightning_module.nonfinite_steps == 2
 
 
+def test_autoencoder_stopped_by_the_guard_saves_its_last_good_weights_in_this_run_and_names_them(tmp_path, data_dir):
+    """Skipped stage-1 steps do not advance global_step, so no periodic checkpoint is written during a run of
+    them: the stop itself must save the (still good) weights, here, and say where."""
+    run_dir = tmp_path / "ae_stop"
+    overrides = ["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, "ae_stop"), "data.num_workers=0",
+                 "model.loss.perceptual_weight=0", "trainer.max_steps=10", "trainer.val_check_interval=10",
+                 "model.max_nonfinite_steps=3", *nan_overrides("ae_stop", [1, 2, 3, 4], ["vae."]),
+                 "callbacks.model_checkpoint.every_n_train_steps=500"]
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row") as stopped:
+        run_train(overrides)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert f"saved in {last}" in str(stopped.value) and f"ckpt_path={last}" in str(stopped.value)
+    saved = load_checkpoint(last)
+    assert saved["global_step"] == 1  # the one good step
+    assert CHANGES["ae_stop"] == {0: True, 1: False, 2: False}  # the NaN batches left the weights alone
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_stale_partial_checkpoints_of_killed_writes_are_removed_at_start_up(tmp_path, data_dir):
+    checkpoints = tmp_path / "ae_tmp" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    stale = [checkpoints / ".last.ckpt.4242.0123abcd.tmp", checkpoints / ".step0000002.ckpt.77.deadbeef.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 4096)  # what a SIGKILL during save_atomic leaves
+    kept = checkpoints / "notes.tmp"
+    kept.write_text("not ours")
+    run_train(["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, "ae_tmp"), "data.num_workers=0",
+               "model.loss.perceptual_weight=0", "trainer.max_steps=1", "trainer.val_check_interval=1"])
+    assert not any(path.exists() for path in stale) and kept.exists()
+    assert (checkpoints / "last.ckpt").is_file()
+
+
 def test_gradient_clipping_on_the_manually_optimised_autoencoder_is_a_clear_error(tmp_path, data_dir):
     overrides = ["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, "ae_clip"), "trainer.max_steps=1",
                  "model.loss.perceptual_weight=0", "trainer.gradient_clip_val=1.0"]
     with pytest.raises(ValueError, match="gradient_clip_val=null for stage 1"):
         run_train(overrides)
+
+
+# ----------------------------------------------------------------------------- SLURM: signals to the process group
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_to_the_whole_process_group_saves_last_checkpoint_with_dataloader_workers(tmp_path, data_dir, signum):
+    """SLURM signals every process of the job step, DataLoader workers included: they must ignore it, and the
+    main process checkpoint and exit 143 as when it alone is signalled."""
+    steps = tmp_path / "step"
+    proc = start(stage1_command(tmp_path, data_dir, "first", "trainer.max_steps=100000", "data.num_workers=1",
+                                "+callbacks.steps._target_=test_fault_tolerance.StepFile",
+                                f"+callbacks.steps.path={steps}"))
+    wait_for(lambda: read_step(steps) >= 3, proc)
+    os.killpg(proc.pid, signum)  # kill -TERM -- -PGID: the main process and its worker
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "is killed by signal" not in out
+    last = load_checkpoint(tmp_path / "ae_kl_f8" / "runs" / "first" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == read_step(steps) >= 3
+
+
+# ----------------------------------------------------------------------------- "train longer": N == N/2 + N/2
+def assert_same_tree(actual, expected, where: str = "") -> None:
+    """Equal nested checkpoint entries: tensors to float tolerance, everything else exactly."""
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=where)
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_same_tree(actual[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_tree(a, e, f"{where}/{i}")
+    else:
+        assert actual == expected, where
+
+
+def assert_same_training_state(actual_ckpt: str, expected_ckpt: str) -> None:
+    """Weights (EMA included), optimizer and LR-scheduler states, step and data position are identical."""
+    actual, expected = load_checkpoint(actual_ckpt), load_checkpoint(expected_ckpt)
+    assert actual["global_step"] == expected["global_step"]
+    assert_same_state(actual["state_dict"], expected["state_dict"])
+    assert_same_tree(actual["optimizer_states"], expected["optimizer_states"], "optimizer_states")
+    assert_same_tree(actual["lr_schedulers"], expected["lr_schedulers"], "lr_schedulers")
+    data_state = [key for key in expected if key.endswith("DataModule")]
+    assert data_state and actual[data_state[0]] == expected[data_state[0]]
+
+
+def train_longer(overrides: list[str], steps: int) -> tuple[str, str]:
+    """(last.ckpt of `steps` straight, last.ckpt of steps/2 to the end then continued to `steps`)."""
+    straight = run_train([*overrides[0], f"trainer.max_steps={steps}"])
+    half = run_train([*overrides[1], f"trainer.max_steps={steps // 2}"])
+    continued = run_train([*overrides[2], f"trainer.max_steps={steps}", f"ckpt_path={half.last_ckpt}"])
+    assert continued.trainer.global_step == straight.trainer.global_step == steps
+    return continued.last_ckpt, straight.last_ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps, workers", [(10, 0), (16, 2)], ids=["mid_epoch", "epoch_end_2_workers"])
+def test_autoencoder_trained_longer_equals_a_straight_run(tmp_path, data_dir, steps, workers):
+    """Epochs of 8 batches: 5 of 10 stop mid-epoch, 8 of 16 at the end of an epoch (2 workers: 4 + 4)."""
+    def overrides(name: str) -> list[str]:
+        return ["experiment=ae_kl_f8", *base_overrides(tmp_path, data_dir, name), f"data.num_workers={workers}",
+                "model.loss.perceptual_weight=0", "model.loss.disc_start=3", "trainer.val_check_interval=4"]
+
+    assert_same_training_state(*train_longer([overrides("straight"), overrides("half"), overrides("longer")], steps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [6, 8], ids=["mid_epoch", "epoch_end"])
+def test_latent_diffusion_trained_longer_equals_a_straight_run(tmp_path, data_dir, first_stage_ckpt, steps):
+    """Epochs of 4 batches: 3 of 6 stop mid-epoch, 4 of 8 at the end of an epoch."""
+    runs = [ldm_overrides(tmp_path, data_dir, first_stage_ckpt, name, 0) for name in ("straight", "half", "longer")]
+    assert_same_training_state(*train_longer(runs, steps))
+
+
+# ----------------------------------------------------------------------------- scale_factor from finite latents
+def cached_latent_batch(means: torch.Tensor) -> dict:
+    """A cached-latent batch with zero std: its latents are exactly `means` (no random draw)."""
+    return {"latent_mean": means, "latent_std": torch.zeros_like(means)}
+
+
+@pytest.fixture
+def unscaled_model():
+    from test_export import TINY_MODEL
+
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    return LatentDiffusion(**{**TINY_MODEL, "scale_factor": None})
+
+
+def test_scale_factor_ignores_samples_with_nonfinite_latents(unscaled_model):
+    means = torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * 3
+    poisoned = means.clone()
+    poisoned[1, 0, 0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="1 of 4 samples of the first batch have NaN/inf latents"):
+        unscaled_model._init_scale_factor(cached_latent_batch(poisoned))
+    expected = 1 / means[[0, 2, 3]].flatten().std()
+    torch.testing.assert_close(unscaled_model.scale_factor, expected)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0], ids=["all_nonfinite", "constant"])
+def test_scale_factor_from_an_unusable_first_batch_is_refused_with_a_message_about_the_data(unscaled_model, value):
+    with pytest.raises(ValueError, match=r"scale_factor from the first batch.*check the data.*model.scale_factor="):
+        unscaled_model._init_scale_factor(cached_latent_batch(torch.full((2, 4, 2, 2), value)))
+
+
+class InjectInf(pl.Callback):
+    """Makes one image of the first training batch +inf (before the model estimates scale_factor from it)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            batch["image"][0].fill_(float("inf"))
+
+
+def test_an_inf_image_in_the_first_batch_does_not_poison_scale_factor(tmp_path, data_dir, first_stage_ckpt):
+    overrides = [*ldm_overrides(tmp_path, data_dir, first_stage_ckpt, "inf", 0), "trainer.max_steps=3",
+                 "model.max_nonfinite_steps=2", "+callbacks.inf._target_=test_fault_tolerance.InjectInf"]
+    with pytest.warns(UserWarning, match="NaN/inf latents"):
+        result = run_train(overrides)
+    # only the first step (its batch holds the inf image) is skipped; a NaN scale would make every step NaN
+    assert result.trainer.global_step == 3 and result.trainer.lightning_module.nonfinite_guard.skipped_steps() == 1
+    scale = trained_state(result.last_ckpt)["scale_factor"]
+    assert torch.isfinite(scale) and scale > 0

@@ -1,7 +1,11 @@
 """KID equals torch-fidelity's on the same features and subsets, is ~0 for one distribution and grows with a shift."""
 import pytest
 import torch
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_kid import (
+    KEY_METRIC_KID_MEAN,
+    KEY_METRIC_KID_STD,
+    kid_features_to_metric,
+)
 
 from ldm.metrics.kid import kernel_inception_distance
 

@@ -1,4 +1,5 @@
 """Metric values against closed forms, direct O(n²) / scipy references and torch-fidelity."""
+import json
 import logging
 
 import numpy as np
@@ -16,7 +17,7 @@ from ldm.metrics import (
     inception_score,
     precision_recall,
 )
-from ldm.metrics.stats_cache import reference_identity, reference_statistics
+from ldm.metrics.stats_cache import cache_key, reference_identity, reference_statistics
 
 
 def gaussian_features(seed: int, n: int = 300, dim: int = 6, shift: float = 0.0) -> np.ndarray:
@@ -192,3 +193,19 @@ def test_reference_statistics_cache_hit_and_miss(tmp_path, caplog):
     retrained = reference_identity({"urls": "shards/val-{000000..000001}.tar"}, "val", 64, {**extractor, "weights": "def"})
     third = reference_statistics(retrained, compute, str(tmp_path))
     assert not third.cache_hit and len(calls) == 2 and third.path != first.path
+
+
+@pytest.mark.parametrize("kind", ["object_arrays", "raw_pickle"])
+def test_a_pickled_statistics_cache_is_refused_naming_the_file_and_the_fix(tmp_path, kind):
+    import pickle
+
+    identity = reference_identity({"urls": "x"}, "val", 64, {"name": "shapes_cnn"})
+    path = tmp_path / f"reference_{cache_key(identity)}.npz"
+    if kind == "object_arrays":
+        np.savez(path, mu=np.zeros(2), sigma=np.eye(2), features=np.array([{"a": 1}], dtype=object),
+                 num_samples=1, identity=np.array(json.dumps(identity), dtype=object))
+    else:
+        path.write_bytes(pickle.dumps({"mu": [0.0]}))
+    with pytest.raises(ValueError) as error:
+        reference_statistics(identity, lambda: pytest.fail("must not recompute over the file"), str(tmp_path))
+    assert str(path) in str(error.value) and "Delete the file: the statistics are recomputed" in str(error.value)

@@ -108,14 +108,36 @@ def test_class_model_samples_every_class_by_default(class_ckpt, tmp_path):
     ("unknown sampler", ["prompt=a red circle", "sampling.sampler=euler"], "Unknown sampler 'euler'"),
     ("autoencoder checkpoint", ["prompt=a red circle"], "stage-1 autoencoder checkpoint"),
     ("missing checkpoint", ["prompt=a red circle"], "Checkpoint not found"),
+    ("no samples", ["prompt=a red circle", "n=0"], "n=0: the number of samples per prompt"),
+    ("empty batches", ["prompt=a red circle", "batch_size=0"], "batch_size=0: the number of images sampled"),
+    ("negative guidance", ["prompt=a red circle", "sampling.cfg_scale=-1"], "cfg_scale=-1: classifier-free guidance takes"),
+    ("guidance below one", ["prompt=a red circle", "sampling.cfg_scale=0.5"], "cfg_scale=0.5: classifier-free guidance"),
+    ("fake safetensors", ["prompt=a red circle"], "is not a readable safetensors file"),
 ])
 def test_bad_input_is_a_clear_error_and_nonzero_exit(tmp_path, text_ckpt, class_ckpt, case, overrides, message):
     ckpt = {"prompt to a class model": class_ckpt, "missing checkpoint": str(tmp_path / "nope.ckpt")}.get(case, text_ckpt)
     if case == "autoencoder checkpoint":
         ckpt = str(tmp_path / "ae.ckpt")
         torch.save({"hyper_parameters": {"vae": FIRST_STAGE}, "state_dict": {}}, ckpt)
+    if case == "fake safetensors":  # a pickle renamed to .safetensors
+        ckpt = str(tmp_path / "model.safetensors")
+        torch.save({"state_dict": {}}, ckpt)
+        message = f"'{ckpt}' is not a readable safetensors file"
     proc = run_sample(f"ckpt={ckpt}", *overrides, f"out={tmp_path}/out")
     assert proc.returncode == 2
     output = proc.stdout + proc.stderr  # Hydra's logging goes to stdout
     assert message in output
     assert "Traceback" not in output
+
+
+def test_a_prompt_longer_than_the_context_is_warned_and_its_truncation_recorded(tmp_path, text_ckpt, caplog):
+    model = load_latent_diffusion(text_ckpt)
+    long_prompt = "a red circle at the top left next to a blue square " * 12  # > 77 tokens
+    conditions = conditions_for(model, ["a red circle", long_prompt], [], 1)
+    with caplog.at_level("WARNING"):
+        records = generate_to_dir(model, conditions, str(tmp_path / "out"), SamplerSettings("ddim", steps=1, cfg_scale=0))
+    assert "longer than the text encoder's context of 77 tokens" in caplog.text
+    saved = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert "prompt_truncated_to" not in saved[0] and saved[0] == records[0]
+    kept = saved[1]["prompt_truncated_to"]
+    assert long_prompt.startswith(kept[:40]) and len(model.conditioner.tokenizer.encode(kept)) == 75

@@ -4,11 +4,18 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import (
+    rescale_zero_terminal_snr as rescale_zero_terminal_snr_diffusers,
+)
 from hydra import compose, initialize_config_dir
-from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as rescale_zero_terminal_snr_diffusers
 
 from ldm.diffusion.samplers import sample
-from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type, diffusion_loss, make_betas
+from ldm.diffusion.schedule import (
+    NoiseSchedule,
+    check_prediction_type,
+    diffusion_loss,
+    make_betas,
+)
 
 SCHEDULES = [  # ours, diffusers' name, (beta_start, beta_end)
     ("linear", "linear", (1e-4, 0.02)),

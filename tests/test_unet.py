@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from ldm.nets.attention import POSITION_BANDS, Attention, AttnBlock, spatial_positional_embedding
+from ldm.nets.attention import (
+    POSITION_BANDS,
+    Attention,
+    AttnBlock,
+    spatial_positional_embedding,
+)
 from ldm.nets.unet import UNetModel
 
 BATCH = 2

@@ -20,13 +20,14 @@ from ldm.evaluation.image_sources import reference_images
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
 from ldm.evaluation.sweep import sweep_checkpoint
 from ldm.metrics import WeightsUnavailableError
+from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("evaluate")
 SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "density_k", "cache_dir",
             "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples")
 
 
-@hydra_entry("evaluate", "evaluate.py", user_errors=(ValueError, FileNotFoundError, WeightsUnavailableError))
+@hydra_entry("evaluate", "evaluate.py", user_errors=(ValueError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError, WeightsUnavailableError))
 def main(cfg: DictConfig) -> None:
     if cfg.report:
         log.info("report -> %s", report_of_runs(cfg))

@@ -10,11 +10,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.cli.entry import hydra_entry
 from ldm.inference.sampling import sample_checkpoint
+from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("sample")
 
 
-@hydra_entry("sample", "sample.py", user_errors=(ValueError, FileNotFoundError))
+@hydra_entry("sample", "sample.py", user_errors=(ValueError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError))
 def main(cfg: DictConfig) -> None:
     records = sample_checkpoint(
         cfg.ckpt, cfg.out, prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,

@@ -16,6 +16,7 @@ flipped when encoded: random-crop / flip augmentation is given up for the speed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.data.transforms import CorruptSample
+from ldm.data.transforms import CorruptSample, decode_caption, decode_class_label
 from ldm.data.webdataset import WebDataModule
 from ldm.nets.vae import KLAutoencoder
 
@@ -79,17 +80,18 @@ def read_cache_meta(root: str) -> dict[str, Any]:
     return meta
 
 
-def decode_latent_sample(raw: dict, epoch: int = 0) -> dict:
-    """One batch row (`latent_mean`, `latent_std`, `caption`, `class_label`, `key`) from a latent shard sample."""
+def decode_latent_sample(raw: dict, epoch: int = 0, num_classes: int | None = None) -> dict:
+    """One batch row (`latent_mean`, `latent_std`, `caption`, `class_label`, `key`) from a latent shard sample;
+    captions and classes are checked as for images (`decode_caption`, `decode_class_label`)."""
     key = raw.get("__key__", "?")
     missing = [field for field in ("mean.npy", "std.npy", "txt", "cls") if field not in raw]
     if missing:
         raise CorruptSample(f"latent sample {key!r} in {raw.get('__url__')} lacks {missing}")
     try:
         mean, std = (torch.from_numpy(np.load(io.BytesIO(raw[f]), allow_pickle=False)) for f in ("mean.npy", "std.npy"))
-        caption, class_label = raw["txt"].decode("utf-8"), int(raw["cls"].decode())
-    except ValueError as error:  # also UnicodeDecodeError and a pickled array (allow_pickle=False)
+    except ValueError as error:  # also a pickled array (allow_pickle=False)
         raise CorruptSample(f"latent sample {key!r} in {raw.get('__url__')} cannot be decoded: {error}") from error
+    caption, class_label = decode_caption(raw), decode_class_label(raw, num_classes)
     return {"latent_mean": mean, "latent_std": std, "caption": caption, "class_label": class_label, "key": key}
 
 
@@ -101,7 +103,7 @@ class LatentDataModule(WebDataModule):
 
     def __init__(self, root: str, resolution: int, batch_size: int = 32, val_batch_size: int | None = None,
                  num_workers: int = 2, shuffle_buffer: int = 1000, resampled: bool = False,
-                 samples_per_epoch: int | None = None, seed: int = 0) -> None:
+                 samples_per_epoch: int | None = None, seed: int = 0, num_classes: int | None = None) -> None:
         self.meta = read_cache_meta(root)
         if resolution != self.meta["resolution"]:
             raise ValueError(f"data.resolution={resolution}, but the latent cache {root} was encoded from "
@@ -112,12 +114,12 @@ class LatentDataModule(WebDataModule):
         super().__init__(splits["train"], splits.get("val"), resolution=resolution, batch_size=batch_size,
                          val_batch_size=val_batch_size, num_workers=num_workers, random_flip=False,
                          shuffle_buffer=shuffle_buffer, resampled=resampled, samples_per_epoch=samples_per_epoch,
-                         seed=seed)
+                         seed=seed, num_classes=num_classes)
         self.root = root
         self.first_stage = FirstStageIdentity(**self.meta["first_stage"])
 
     def sample_decoder(self, train: bool):
-        return decode_latent_sample
+        return functools.partial(decode_latent_sample, num_classes=self.num_classes)
 
     def setup(self, stage: str) -> None:
         model = self.trainer.lightning_module if self._trainer_or_none() is not None else None

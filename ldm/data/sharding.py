@@ -15,7 +15,7 @@ Modes:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,36 @@ def resume_point(num_batches: list[int], skip: int) -> tuple[list[int], int]:
         taken[worker] += 1
         worker = (worker + 1) % len(num_batches)
     return taken, worker
+
+
+@dataclass
+class TrainPass:
+    """Where a training pass over a data epoch stands: it started at batch ``start`` (raw samples
+    ``start_reads`` per worker were read to get there; None: unknown) and has since yielded batches built
+    from ``reads`` = [(worker, raw samples read)] in DataLoader order. A pass of ``length`` batches."""
+
+    epoch: int = 0
+    start: int = 0
+    length: int = 0
+    start_reads: list[int] | None = None
+    reads: list[tuple[int, int]] = field(default_factory=list)
+    trainer_base: int = 0  # the Trainer's count of processed batches in its epoch when this pass started
+
+    @property
+    def yielded(self) -> int:
+        """Batches of the epoch consumed by the loader: those before ``start`` and the ones yielded since."""
+        return self.start + len(self.reads)
+
+    def position(self, consumed: int) -> dict[str, int | list[int] | None]:
+        """The checkpointed data position after the first ``consumed`` batches of the epoch (``start`` <=
+        consumed <= ``yielded``): epoch, batches, raw samples per worker; a finished epoch is the next one."""
+        consumed = max(self.start, min(consumed, self.yielded))
+        if self.length and consumed >= self.length:
+            return {"epoch": self.epoch + 1, "batches_consumed": 0, "samples_read": None}
+        reads = None if self.start_reads is None else list(self.start_reads)
+        for worker, num_read in self.reads[:consumed - self.start] if reads is not None else ():
+            reads[worker] += num_read
+        return {"epoch": self.epoch, "batches_consumed": consumed, "samples_read": reads}
 
 
 def _assign_shards(num_shards: int, world_size: int, workers: int

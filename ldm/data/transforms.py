@@ -12,11 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.utils.images import to_rgb
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
 class CorruptSample(ValueError):
-    """A sample that cannot be used (missing field, undecodable bytes); the loader skips and counts it."""
+    """A sample that cannot be used (missing field, undecodable bytes, a class outside the model's range);
+    the loader skips and counts it."""
 
 
 class ImageTransform:
@@ -50,11 +53,13 @@ class ImageTransform:
         return spare_x // 2, spare_y // 2
 
 
-def decode_sample(raw: dict, transform: ImageTransform, seed: int, epoch: int) -> dict:
+def decode_sample(raw: dict, transform: ImageTransform, seed: int, epoch: int, num_classes: int | None = None) -> dict:
     """One batch row (``image``, ``caption``, ``class_label``, ``key``) from an undecoded sample.
 
     A sample needs an image and a label: a ``.txt`` caption or a ``.cls`` class (the other one defaults to
-    ``""`` / ``-1``). Anything else raises ``CorruptSample``.
+    ``""`` / ``-1``); with ``num_classes`` (a class-conditional model) the class is required and must lie in
+    [0, num_classes). Anything else raises ``CorruptSample``, so the loader skips and counts it rather than a
+    model failing on it steps later.
     """
     key = raw.get("__key__", "?")
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -62,15 +67,45 @@ def decode_sample(raw: dict, transform: ImageTransform, seed: int, epoch: int) -
         raise CorruptSample(f"sample {key!r} has no image (.png/.jpg/.jpeg/.webp) in {raw.get('__url__')}")
     if "txt" not in raw and "cls" not in raw:
         raise CorruptSample(f"sample {key!r} has neither a caption (.txt) nor a class (.cls)")
+    caption, class_label = decode_caption(raw), decode_class_label(raw, num_classes)
     try:
         with Image.open(io.BytesIO(image_bytes)) as opened:
-            image = opened.convert("RGB")  # convert() forces the full decode: truncated data fails here
-        caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
-        class_label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
+            image = to_rgb(opened)  # forces the full decode: truncated data fails here
     except (OSError, ValueError, Image.DecompressionBombError) as exn:
-        raise CorruptSample(f"sample {key!r} in {raw.get('__url__')} cannot be decoded: {exn}") from exn
+        raise CorruptSample(f"sample {key!r} in {raw.get('__url__')}: the image cannot be decoded: {exn}") from exn
     rng = random.Random(f"{seed}/{epoch}/{key}")  # str seeds hash with SHA-512: the same in every process
     return {"image": transform(image, rng), "caption": caption, "class_label": class_label, "key": key}
+
+
+def decode_caption(raw: dict) -> str:
+    """The ``.txt`` caption as text (``""`` without one); bytes that are not UTF-8 raise ``CorruptSample``."""
+    if "txt" not in raw:
+        return ""
+    try:
+        return raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError as exn:
+        raise CorruptSample(f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__')}: the caption (.txt) is "
+                            f"not UTF-8 text: {exn}") from exn
+
+
+def decode_class_label(raw: dict, num_classes: int | None) -> int:
+    """The ``.cls`` class index (``-1``: none). Not an integer, below -1, or, when ``num_classes`` is given,
+    missing or outside [0, num_classes): ``CorruptSample``."""
+    where = f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__')}"
+    if "cls" not in raw:
+        if num_classes is not None:
+            raise CorruptSample(f"{where} has no class (.cls), but the model is class-conditional "
+                                f"({num_classes} classes)")
+        return -1
+    try:
+        label = int(raw["cls"].decode("utf-8").strip())
+    except ValueError as exn:  # also UnicodeDecodeError
+        raise CorruptSample(f"{where}: the class (.cls) is not an integer: {raw['cls'][:20]!r}") from exn
+    valid = label >= -1 if num_classes is None else 0 <= label < num_classes
+    if not valid:
+        expected = "an index >= 0 (-1: none)" if num_classes is None else f"in [0, {num_classes})"
+        raise CorruptSample(f"{where}: class {label} is not {expected}")
+    return label
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,13 @@ would have yielded.
 
 Corrupt samples are dropped from their batch (which gets smaller), warned about, and counted: every batch
 carries ``num_skipped`` (samples dropped while building it) and ``DataModule.num_skipped`` is the running
-total in this process. A batch is always built from ``batch_size`` raw samples, so resuming needs no
-decoding; only if all of them are corrupt does it read on until it has a good one.
+total in this process. A batch is built from ``batch_size`` raw samples; only if all of them are corrupt
+does it read on until it has a good one. The data position in a checkpoint therefore holds, besides the
+epoch and the batches consumed, the raw samples each worker really read, so resuming skips exactly those
+(reading, not decoding them).
+
+Preemption: SLURM signals every process of a job step. The workers ignore SIGTERM and SIGUSR1 (they are
+forked with both blocked), so only the main process reacts: it checkpoints and then stops its workers.
 """
 from __future__ import annotations
 
@@ -21,10 +26,17 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.shapes import shapes_urls, write_shapes
-from ldm.data.sharding import ShardPlan, WorkerSlice, plan_shards, resume_point
+from ldm.data.sharding import (
+    ShardPlan,
+    TrainPass,
+    WorkerSlice,
+    plan_shards,
+    resume_point,
+)
 from ldm.data.shards import expand_urls, is_local, iter_raw_samples, shard_sample_counts
 from ldm.data.transforms import (
     CorruptSample,
@@ -33,10 +45,12 @@ from ldm.data.transforms import (
     decode_sample,
     to_unit_range,
 )
+from ldm.data.workers import PREEMPTION_SIGNALS, init_worker, signals_blocked
 from ldm.utils.ranks import distributed_rank_and_world_size
 
 MAX_WARNINGS_PER_WORKER = 5
 MAX_CORRUPT_IN_A_ROW = 10_000
+BATCH_ORIGIN = ("_worker", "_num_read")  # which worker built a batch from how many raw samples (popped)
 
 
 class ShardStream(IterableDataset):
@@ -51,15 +65,23 @@ class ShardStream(IterableDataset):
         self.decode, self.batch_size = decode, batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.epoch, self.worker_skips, self.worker_rotation = 0, [0] * plan.num_workers, 0
+        self.worker_reads = [0] * plan.num_workers
 
     def __len__(self) -> int:
         return self.plan.batches_per_rank
 
-    def start_epoch(self, epoch: int, skip_batches: int) -> None:
-        """Set the epoch and how many of its batches (in DataLoader order) were already consumed."""
-        quotas = [s.num_batches for s in self.plan.slices[self.rank]]
+    def start_epoch(self, epoch: int, skip_batches: int, samples_read: list[int] | None = None) -> list[int]:
+        """Set the epoch and how many of its batches (in DataLoader order) were already consumed.
+
+        ``samples_read``: the raw samples each worker read for those batches (from a checkpoint); without it
+        (or for another worker count) full batches are assumed. Returns the raw samples each worker skips."""
+        work = self.plan.slices[self.rank]
         self.epoch = epoch
-        self.worker_skips, self.worker_rotation = resume_point(quotas, skip_batches)
+        self.worker_skips, self.worker_rotation = resume_point([s.num_batches for s in work], skip_batches)
+        if samples_read is None or len(samples_read) != len(work):
+            samples_read = [min(b * self.batch_size, s.num_samples) for b, s in zip(self.worker_skips, work)]
+        self.worker_reads = [int(n) for n in samples_read]
+        return list(self.worker_reads)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -75,24 +97,31 @@ class ShardStream(IterableDataset):
                 warnings.warn(f"skipping corrupt data: {reason}{more}", RuntimeWarning, stacklevel=2)
 
         samples = self._raw_samples(work, worker, on_corrupt)
-        first = self.worker_skips[worker]
-        for _ in range(min(first * self.batch_size, work.num_samples)):  # resume: read, do not decode
+        for _ in range(self.worker_reads[worker]):  # resume: read, do not decode
             next(samples)
-        for index in range(first, work.num_batches):
+        # more corrupt samples in a row than two passes over the worker's shards: none will ever decode
+        limit = min(MAX_CORRUPT_IN_A_ROW, max(1000, 2 * work.num_samples + self.batch_size))
+        for index in range(self.worker_skips[worker], work.num_batches):
             size = min(self.batch_size, work.num_samples - index * self.batch_size)
-            yield self._next_batch(samples, size, skipped, on_corrupt)
+            batch = self._next_batch(samples, size, skipped, on_corrupt, limit, work)
+            batch[BATCH_ORIGIN[0]] = worker
+            yield batch
 
-    def _next_batch(self, samples: Iterator[dict], size: int, skipped: dict,
-                    on_corrupt: Callable[[object], None]) -> dict:
+    def _next_batch(self, samples: Iterator[dict], size: int, skipped: dict, on_corrupt: Callable[[object], None],
+                    limit: int, work: WorkerSlice) -> dict:
         rows, before = [], skipped["count"]
         for raw in itertools.islice(samples, size):
             rows.append(self._decode(raw, on_corrupt))
         while not any(rows):  # all corrupt: read on rather than yield an empty batch
-            if len(rows) > MAX_CORRUPT_IN_A_ROW:
-                raise RuntimeError(f"{len(rows)} corrupt samples in a row: check the shards with "
-                                   "data/inspect_shards.py (wrong format or fields?)")
+            if len(rows) >= limit:
+                raise RuntimeError(
+                    f"{len(rows)} corrupt samples in a row in shards {[self.urls[i] for i in work.shards]}: no "
+                    "sample decodes. Check them with data/inspect_shards.py (wrong format or fields? class "
+                    "labels outside the model's range?)")
             rows.append(self._decode(next(samples), on_corrupt))
-        return collate([row for row in rows if row], num_skipped=skipped["count"] - before)
+        batch = collate([row for row in rows if row], num_skipped=skipped["count"] - before)
+        batch[BATCH_ORIGIN[1]] = len(rows)  # raw samples read, corrupt ones included: what a resume skips
+        return batch
 
     def _decode(self, raw: dict, on_corrupt: Callable[[object], None]) -> dict | None:
         try:
@@ -131,26 +160,35 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that asks ``start_pass`` for (epoch, skip) when iteration really starts.
+    """A DataLoader that calls ``start_pass(stream)`` (which calls ``stream.start_epoch``) when iteration
+    really starts, and ``on_batch(batch, worker, num_read)`` for each batch it yields.
 
-    The question is asked at the first ``next()``, not at ``iter()``: Lightning creates the iterator before
-    it advances the epoch counter when it resumes from an end-of-epoch checkpoint.
+    The start is at the first ``next()``, not at ``iter()``: Lightning creates the iterator before it
+    advances the epoch counter when it resumes from an end-of-epoch checkpoint. Workers ignore the
+    preemption signals (``ldm.data.workers``); they draw no random numbers from torch's generators.
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, start_pass: Callable[[], tuple[int, int]],
-                 on_batch: Callable[[dict], None], on_end: Callable[[], None]) -> None:
-        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    def __init__(self, stream: ShardStream, num_workers: int, start_pass: Callable[[ShardStream], None],
+                 on_batch: Callable[[dict, int, int], None], on_end: Callable[[], None]) -> None:
+        # its own generator: each iterator draws a base seed, which must not shift the global stream the
+        # training noise comes from (a resume at an epoch boundary would then draw different noise)
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         worker_init_fn=init_worker if num_workers > 0 else None,
+                         generator=torch.Generator().manual_seed(stream.seed))
         self._start_pass, self._on_batch, self._on_end = start_pass, on_batch, on_end
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
-        self.dataset.start_epoch(*self._start_pass())
-        for batch in super().__iter__():
+        self._start_pass(self.dataset)
+        with signals_blocked(PREEMPTION_SIGNALS if self.num_workers > 0 else ()):
+            batches = super().__iter__()  # starts the workers, which inherit the blocked signals
+        for batch in batches:
+            worker, num_read = (batch.pop(key) for key in BATCH_ORIGIN)
             if "image" in batch:
                 batch["image"] = to_unit_range(batch["image"])  # in this process: workers ship uint8
-            self._on_batch(batch)
+            self._on_batch(batch, worker, num_read)
             yield batch
         self._on_end()
 
@@ -171,7 +209,11 @@ class WebDataModule(pl.LightningDataModule):
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         seed: int = 0,
+        num_classes: int | None = None,
     ) -> None:
+        """``num_classes``: the class-conditional model's class count (configs interpolate it from
+        ``model.conditioner.num_classes``); samples whose ``.cls`` is missing or outside [0, num_classes) are
+        then skipped as corrupt. None: classes are not checked against a range."""
         super().__init__()
         if batch_size < 1 or num_workers < 0 or (samples_per_epoch is not None and samples_per_epoch < 1):
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, samples_per_epoch >= 1 or None; got "
@@ -181,9 +223,13 @@ class WebDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.random_flip, self.shuffle_buffer = num_workers, random_flip, shuffle_buffer
         self.resampled, self.samples_per_epoch, self.seed = resampled, samples_per_epoch, seed
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"data.num_classes must be >= 1 or null, got {num_classes}")
+        self.num_classes = num_classes
         self.num_skipped = 0  # corrupt samples dropped from the batches this process has yielded
-        self._epoch, self._consumed = 0, 0
-        self._resume: tuple[int, int] | None = None
+        self._pass: TrainPass | None = None  # the training pass under way (None: none yet)
+        self._epoch = 0  # the data epoch of the next pass when no Trainer drives this module
+        self._resume: dict | None = None  # a checkpoint's data position, for the next pass
 
     def train_dataloader(self) -> EpochLoader:
         length = (self.samples_per_epoch, self.resampled)
@@ -195,20 +241,26 @@ class WebDataModule(pl.LightningDataModule):
         return self._loader(self.val_urls, self.val_batch_size, train=False, length=(None, False))
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch of the next training pass when no Trainer drives this module (a Trainer's epoch wins)."""
-        self._epoch, self._consumed = epoch, 0
+        """Epoch of the next training pass when no Trainer drives this module."""
+        self._epoch, self._pass, self._resume = epoch, None, None
 
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and training batches consumed in it: enough to resume exactly, also mid-epoch."""
+    def state_dict(self) -> dict[str, int | list[int] | None]:
+        """The data position: epoch, training batches consumed in it and the raw samples each worker read for
+        them. Enough to resume exactly from any checkpoint: mid-epoch, at a preemption, after ``fit`` ended."""
+        if self._resume is not None:  # loaded and not started yet: still where the checkpoint left off
+            return dict(self._resume)
+        if self._pass is None:
+            return {"epoch": self._epoch, "batches_consumed": 0, "samples_read": None}
         trainer = self._trainer_or_none()
-        if trainer is not None:  # batches whose training step ran (the loader may have fetched further)
-            return {"epoch": trainer.current_epoch,
-                    "batches_consumed": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
-        return {"epoch": self._epoch, "batches_consumed": self._consumed}
+        if trainer is None:
+            return self._pass.position(self._pass.yielded)
+        # the batches whose training step ran (the loader may have fetched further)
+        return self._pass.position(self._pass.start + self._trainer_processed(trainer) - self._pass.trainer_base)
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
-        self._epoch = self._resume[0]
+    def load_state_dict(self, state_dict: dict[str, int | list[int] | None]) -> None:
+        reads = state_dict.get("samples_read")  # absent in checkpoints written before it was recorded
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": int(state_dict["batches_consumed"]),
+                        "samples_read": None if reads is None else [int(n) for n in reads]}
 
     def _loader(self, urls: str, batch_size: int, train: bool, length: tuple[int | None, bool]) -> EpochLoader:
         shard_urls = expand_urls(urls)
@@ -219,6 +271,10 @@ class WebDataModule(pl.LightningDataModule):
         rank, world_size = distributed_rank_and_world_size()
         samples_per_epoch, resampled = length
         counts = None if samples_per_epoch is not None else shard_sample_counts(shard_urls)
+        if counts is not None and sum(counts) == 0:
+            raise ValueError(f"{'train' if train else 'val'} shards {urls!r} hold no readable sample "
+                             f"({len(shard_urls)} shard(s), empty or not tar files): nothing to train on. Check "
+                             f"them with `python data/inspect_shards.py '{urls}'`.")
         plan = plan_shards(counts, len(shard_urls), world_size, self.num_workers, batch_size,
                            samples_per_epoch=samples_per_epoch, resampled=resampled)
         notes = plan.warnings + (plan.notes if train else ())  # fewer val workers is no news worth a warning
@@ -229,33 +285,52 @@ class WebDataModule(pl.LightningDataModule):
         workers = plan.num_workers if self.num_workers > 0 else 0
         if train:
             return EpochLoader(stream, workers, self._start_train_pass, self._count_train_batch, self._end_train_pass)
-        return EpochLoader(stream, workers, lambda: (0, 0), self._count_skipped, lambda: None)
+        return EpochLoader(stream, workers, lambda s: s.start_epoch(0, 0), self._count_skipped, lambda: None)
 
     def sample_decoder(self, train: bool) -> Callable[..., dict]:
         """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
         transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
-        return functools.partial(decode_sample, transform=transform, seed=self.seed)
+        return functools.partial(decode_sample, transform=transform, seed=self.seed, num_classes=self.num_classes)
 
-    def _start_train_pass(self) -> tuple[int, int]:
+    def _start_train_pass(self, stream: ShardStream) -> None:
+        """Which data epoch this pass reads, from which batch: a checkpoint's position; else, under a Trainer,
+        the rest of the previous pass's epoch if Lightning ended that one early, or the next epoch.
+
+        The data stream thus depends only on the batches trained, not on Lightning's epoch counter, which
+        does not follow the data after a restart: ``fit`` stopped by ``max_steps`` mid-epoch counts the epoch
+        as done (a continuation runs its remaining batches as the next epoch), and a run resumed from a
+        checkpoint written after its epoch ended runs one batch as an epoch of its own."""
         trainer = self._trainer_or_none()
-        epoch = trainer.current_epoch if trainer is not None else self._epoch
-        skip = 0
+        previous = self._pass
         if self._resume is not None:
-            resume_epoch, consumed = self._resume
-            skip = consumed if resume_epoch == epoch else 0
-            self._resume = None
-        self._epoch, self._consumed = epoch, skip
-        return epoch, skip
+            resume, self._resume = self._resume, None
+            epoch, start, reads = resume["epoch"], resume["batches_consumed"], resume["samples_read"]
+        elif trainer is None or previous is None:
+            epoch, start, reads = (self._epoch if trainer is None else trainer.current_epoch), 0, None
+        elif previous.yielded < previous.length and trainer.num_training_batches >= previous.length:
+            # (not cut short by limit_train_batches): continue it
+            epoch, start, reads = previous.epoch, previous.yielded, previous.position(previous.yielded)["samples_read"]
+        else:
+            epoch, start, reads = previous.epoch + 1, 0, None
+        if start >= len(stream):  # saved at the end of its epoch: the next one starts
+            epoch, start, reads = epoch + 1, 0, None
+        start_reads = stream.start_epoch(epoch, start, reads)
+        base = self._trainer_processed(trainer) if trainer is not None else 0
+        self._pass = TrainPass(epoch, start, len(stream), start_reads, trainer_base=base)
 
-    def _count_train_batch(self, batch: dict) -> None:
-        self._consumed += 1
-        self._count_skipped(batch)
+    def _count_train_batch(self, batch: dict, worker: int, num_read: int) -> None:
+        self._pass.reads.append((worker, num_read))
+        self._count_skipped(batch, worker, num_read)
 
-    def _count_skipped(self, batch: dict) -> None:
+    def _count_skipped(self, batch: dict, worker: int, num_read: int) -> None:
         self.num_skipped += batch["num_skipped"]
 
     def _end_train_pass(self) -> None:
-        self._epoch, self._consumed = self._epoch + 1, 0
+        self._epoch = self._pass.epoch + 1
+
+    @staticmethod
+    def _trainer_processed(trainer: pl.Trainer) -> int:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _trainer_or_none(self) -> pl.Trainer | None:
         return getattr(self, "trainer", None)

@@ -17,7 +17,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedule import LOSS_TYPES, PREDICTION_TYPES, NoiseSchedule, diffusion_loss
+from ldm.diffusion.schedule import (
+    LOSS_TYPES,
+    PREDICTION_TYPES,
+    NoiseSchedule,
+    diffusion_loss,
+)
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")

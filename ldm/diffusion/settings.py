@@ -37,6 +37,11 @@ class SamplerSettings:
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"Unknown timestep_spacing {self.timestep_spacing!r}. Choose one of: "
                              f"{', '.join(TIMESTEP_SPACINGS)}.")
+        if not (self.cfg_scale >= 1 or self.cfg_scale == 0):  # also refuses NaN
+            raise ValueError(
+                f"cfg_scale={self.cfg_scale}: classifier-free guidance takes cfg_scale >= 1 (1: conditional only, one "
+                "forward per step; larger: stronger guidance, 3-7 is usual) or 0 (unconditional samples). Values "
+                "below 1 weaken the condition, and negative ones push the samples away from it.")
         if int(self.steps) < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps}.")
         if self.eta != 0.0 and self.sampler != "ddim":

@@ -6,6 +6,7 @@ Writes one PNG per sample (`00000.png`, ...), `grid.png` (one row per prompt / c
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -20,11 +21,16 @@ from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.devices import autocast_dtype, resolve_device
 from ldm.utils.images import images_to_uint8, save_image_grid
 
+log = logging.getLogger(__name__)
+
 
 def conditions_for(
     model: LatentDiffusion, prompts: Sequence[str], class_labels: Sequence[int], n: int
 ) -> list[str | int | None]:
     """One entry per sample, `n` per prompt / class; checks they fit the model's conditioning."""
+    if n < 1:
+        raise ValueError(f"n={n}: the number of samples per prompt / class (in total for unconditional models) "
+                         "must be at least 1.")
     key = model.conditioner.batch_key
     if key == "caption":
         if class_labels:
@@ -52,7 +58,15 @@ def generate_to_dir(
     per_row: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[dict]:
-    """Sample every condition (sample i seeded with settings.seed + i), write PNGs, grid and records."""
+    """Sample every condition (sample i seeded with settings.seed + i), write PNGs, grid and records.
+
+    A prompt longer than the text encoder's context is cut by its tokenizer: that is warned about, and the
+    record of each of its images holds `prompt_truncated_to`, the text the model saw."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: the number of images sampled at once must be at least 1.")
+    if not conditions:
+        raise ValueError("Nothing to sample: no prompt, class or sample count was given.")
+    truncated = truncated_prompts(model, conditions)
     os.makedirs(out, exist_ok=True)
     records, images_uint8 = [], []
     for start in tqdm(range(0, len(conditions), batch_size), desc="sampling", unit="batch"):
@@ -67,6 +81,8 @@ def generate_to_dir(
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(out, name))
             record = {"file": name, **settings.as_dict(), "seed": settings.seed + index, "ckpt": ckpt}
             record["prompt" if isinstance(condition, str) else "class_label"] = condition
+            if condition in truncated:
+                record["prompt_truncated_to"] = truncated[condition]
             records.append(record)
         images_uint8.append(batch_uint8)
     grid = torch.cat(images_uint8).float() / 127.5 - 1
@@ -74,6 +90,19 @@ def generate_to_dir(
     with open(os.path.join(out, "samples.json"), "w") as f:
         json.dump(records, f, indent=1)
     return records
+
+
+def truncated_prompts(model: LatentDiffusion, conditions: list[str | int | None]) -> dict[str, str]:
+    """{prompt: the part the model sees} for the prompts longer than its text encoder's context, each warned."""
+    truncation = getattr(model.conditioner, "truncation", None)
+    if truncation is None:
+        return {}
+    cut = {p: kept for p in dict.fromkeys(c for c in conditions if isinstance(c, str)) if (kept := truncation(p))}
+    for prompt, kept in cut.items():
+        log.warning("The prompt %r is longer than the text encoder's context of %d tokens: the model sees only "
+                    "%r (recorded as prompt_truncated_to in samples.json).", prompt, model.conditioner.context_length,
+                    kept)
+    return cut
 
 
 def as_model_inputs(chunk: list[str | int | None]) -> list[str] | torch.Tensor | None:

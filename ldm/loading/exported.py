@@ -12,12 +12,12 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.loading.state_dicts import load_exact
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.config import to_container
+from ldm.utils.files import safetensors_metadata
 
 CONFIG_METADATA_KEY = "ldm_config"
 WEIGHT_SOURCES = ("pretrained", "checkpoint_path")  # conditioner options that point at weights elsewhere
@@ -51,8 +51,7 @@ def read_exported_config(path: str) -> dict[str, Any] | None:
     """The config stored in an export, or None for any other file."""
     if not str(path).endswith(".safetensors"):
         return None
-    with safe_open(path, framework="pt") as handle:
-        text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    text = safetensors_metadata(path).get(CONFIG_METADATA_KEY)
     return json.loads(text) if text is not None else None
 
 

@@ -23,6 +23,11 @@ from PIL import Image
 from torch import nn
 
 from ldm.utils.downloads import downloads_allowed
+from ldm.utils.files import (
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+)
 from ldm.utils.images import images_to_uint8  # noqa: F401  (re-exported: part of the metrics API)
 
 RESIZE_DESCRIPTION = "uint8 quantisation, then PIL bicubic (antialiased) resize to the input size (clean-fid)"
@@ -161,7 +166,7 @@ class InceptionV3Features(ResizingExtractor):
 
         self.weights_path = _local_or_cached_weights(weights_path, self.WEIGHTS_FILE, URL_INCEPTION_V3)
         # torch-fidelity loads with weights_only=False: refuse anything that is not a plain state dict first.
-        torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        _load_weights_file(self.weights_path, f"the released {self.WEIGHTS_FILE} (from {URL_INCEPTION_V3})")
         self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], self.weights_path).to(device)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -248,7 +253,7 @@ class DINOv2Features(ResizingExtractor):
         except Exception as error:  # torch.hub raises URLError, HTTPError, RuntimeError, ... offline
             raise WeightsUnavailableError(_dinov2_hint(model, missing, f"{type(error).__name__}: {error}")) from error
         if weights_path is not None:
-            network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+            network.load_state_dict(_load_weights_file(weights_path, f"the released DINOv2 {model} weights"))
         self.network = network.eval().requires_grad_(False).to(device)
         self.weights = file_digest(weights_path) if weights_path else f"{model}_pretrain.pth"
 
@@ -287,6 +292,16 @@ def _local_or_cached_weights(weights_path: str | None, file_name: str, url: str)
     except Exception as error:  # URLError, HTTPError, timeouts, partial files ...
         raise WeightsUnavailableError(f"downloading {file_name} failed ({error}): {hint}.") from error
     return cached
+
+
+def _load_weights_file(path: str, release: str) -> dict[str, Any]:
+    """A weights file's state dict, loaded without running code; a file that is not one (code-carrying
+    pickle, truncated download, another format) is refused, naming it and the file to put there instead."""
+    try:
+        return load_checkpoint(path)
+    except (UnsafeCheckpointError, CorruptCheckpointError) as error:
+        raise WeightsUnavailableError(
+            f"{error} Replace {path} with {release}, or pass features.weights_path=/path/to/a/good/copy.") from None
 
 
 def _clip_hint(arch: str, pretrained: str, reason: str) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -87,9 +88,16 @@ def _load(path: str, identity: dict[str, Any]) -> ReferenceStatistics | None:
     """The cached statistics if the file exists and was written for exactly this identity."""
     if not os.path.isfile(path):
         return None
-    with np.load(path, allow_pickle=False) as stored:
-        if json.loads(str(stored["identity"])) != json.loads(json.dumps(identity, sort_keys=True, default=str)):
-            logger.warning("reference statistics: %s was written for another identity, recomputing", path)
-            return None
-        return ReferenceStatistics(stored["mu"], stored["sigma"], stored["features"], int(stored["num_samples"]),
-                                   identity, path, cache_hit=True)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if json.loads(str(stored["identity"])) != json.loads(json.dumps(identity, sort_keys=True, default=str)):
+                logger.warning("reference statistics: %s was written for another identity, recomputing", path)
+                return None
+            return ReferenceStatistics(stored["mu"], stored["sigma"], stored["features"], int(stored["num_samples"]),
+                                       identity, path, cache_hit=True)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:  # pickles are refused, never loaded
+        raise ValueError(
+            f"Refused to read the reference-statistics cache {path}: it is not a file this program wrote ({error}). "
+            "Pickled data is never loaded, since unpickling can run code. Delete the file: the statistics are "
+            "recomputed on the next run."
+        ) from None

@@ -11,6 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from ldm.models.autoencoder_loss import AutoencoderLoss
+from ldm.models.nonfinite import NonFiniteTrainingError
 from ldm.models.optimization import global_batch_size
 from ldm.nets.posterior import DiagonalGaussian
 from ldm.nets.vae import KLAutoencoder
@@ -135,8 +136,9 @@ class AutoencoderKL(pl.LightningModule):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
 
     def on_nonfinite_loss(self, name: str) -> None:
-        """Count and report a skipped step; stop after `max_nonfinite_steps` in a row (the last
-        checkpoint on disk predates them)."""
+        """Count and report a skipped step; stop after `max_nonfinite_steps` in a row. The weights are
+        then still the last good ones (skipped steps do not advance `global_step`, so no periodic
+        checkpoint was written meanwhile): the trainer saves them and the error names the file."""
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         rank_zero_warn(
@@ -144,10 +146,10 @@ class AutoencoderKL(pl.LightningModule):
             f"step ({self.nonfinite_steps} skipped so far)"
         )
         if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(
+            raise NonFiniteTrainingError(
                 f"{self._nonfinite_in_a_row} optimizer steps in a row had a NaN/inf {name} loss (limit "
                 f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}); the run is stopped. Lower the "
-                "learning rate or check the data; resume from the last checkpoint with ckpt_path=last."
+                "learning rate or check the data."
             )
 
     def _save_reconstruction_grid(self, images: Tensor, reconstructions: Tensor) -> None:

@@ -97,6 +97,17 @@ class _TokenConditioner(nn.Module):
             tokens = tokens.pin_memory()  # pinned: the copy below runs asynchronously
         return tokens.to(device, non_blocking=True)
 
+    def truncation(self, prompt: str) -> str | None:
+        """What of `prompt` the model sees when the tokenizer cuts it to the context (None: it fits)."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:  # a tokenizer without a plain encode (HF): a full row is taken as cut
+            tokens = self.tokenizer([prompt])[0]
+            return f"(cut to {self.context_length} tokens)" if bool(tokens[-1] != 0) else None
+        ids = encode(prompt)
+        if len(ids) + 2 <= self.context_length:  # + start and end tokens
+            return None
+        return self.tokenizer.decode(ids[: self.context_length - 2]).strip()
+
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import hydra
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from ldm.diffusion.objective import DiffusionObjective
@@ -123,10 +124,22 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = True
 
     def _init_scale_factor(self, batch: dict[str, Any]) -> None:
-        """The paper's rescaling (Sec. 3.3 / App. G): unit-variance latents from the first batch.
-        Computed on rank 0 and broadcast, so every rank trains on identically scaled latents."""
-        std = self.batch_latents(batch).flatten().std()
-        value = self.trainer.strategy.broadcast(1.0 / std, src=0) if self._trainer is not None else 1.0 / std
+        """The paper's rescaling (Sec. 3.3 / App. G): unit-variance latents from the first batch, from its
+        samples whose latents are finite only (one NaN/inf image would make the scale, and then every step,
+        NaN). Computed on rank 0 and broadcast, so every rank trains on identically scaled latents."""
+        latents = self.batch_latents(batch).flatten(1)
+        finite = torch.isfinite(latents).all(dim=1)
+        value = 1.0 / latents[finite].std() if bool(finite.any()) else torch.tensor(math.nan, device=latents.device)
+        value = self.trainer.strategy.broadcast(value, src=0) if self._trainer is not None else value
+        bad = int((~finite).sum())
+        if not bool(torch.isfinite(value)) or float(value) <= 0:
+            raise ValueError(
+                f"Cannot set scale_factor from the first batch: {bad} of {len(finite)} samples have NaN/inf latents "
+                f"and the others give 1/std = {float(value)}. The images hold NaN/inf (or constant) pixels, or the "
+                "first stage is broken: check the data (data/inspect_shards.py), or pass model.scale_factor=VALUE.")
+        if bad:
+            rank_zero_warn(f"{bad} of {len(finite)} samples of the first batch have NaN/inf latents (check the "
+                           f"data): scale_factor = {float(value):.5f} is computed from the others.")
         self.scale_factor.copy_(value)
         self._scale_factor_ready = True
 

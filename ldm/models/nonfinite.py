@@ -4,13 +4,33 @@ A NaN or inf loss must not poison the weights, and a week-long run must not die 
 The check runs on the device: the fused Adam/AdamW kernels read `optimizer.found_inf` (the hook
 GradScaler uses) and leave parameters, moments and the step count untouched when it is 1. The counts
 are read on the host only when they are logged, which is also when a run of too many bad steps in a
-row stops training with a clear error (the last checkpoint on disk is from before the run of bad steps).
+row stops training with a clear error (`NonFiniteTrainingError`, which names the checkpoint of the last good
+weights once the trainer has saved it).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradients; the run stops.
+
+    Skipped steps leave the weights alone, so the model still holds the last good weights: the trainer's
+    fault-tolerance callback saves them to this run's `checkpoints/last.ckpt` and sets `checkpoint`, which
+    the message then names."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return self.message
+        return (f"{self.message} The last good weights are saved in {self.checkpoint}; once fixed, resume from "
+                f"them with ckpt_path={self.checkpoint}.")
 
 
 class NonFiniteGradientGuard:
@@ -54,9 +74,8 @@ class NonFiniteGradientGuard:
         longest = int(self._longest_run.item())
         self._longest_run.zero_()
         if longest >= self.max_consecutive:
-            raise FloatingPointError(
+            raise NonFiniteTrainingError(
                 f"{longest} optimizer steps in a row had NaN/inf gradients (limit max_nonfinite_steps="
                 f"{self.max_consecutive}); they were skipped and the run is stopped. Lower the learning rate, "
-                "enable gradient clipping (trainer.gradient_clip_val=1.0), or check the data; resume from the "
-                "last checkpoint with ckpt_path=last."
+                "enable gradient clipping (trainer.gradient_clip_val=1.0), or check the data."
             )

@@ -29,6 +29,8 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ldm.models.nonfinite import NonFiniteTrainingError
+from ldm.utils.files import remove_stale_temporaries
 from ldm.utils.ranks import distributed_rank_and_world_size
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,23 @@ HPC_CHECKPOINT_PATTERN = "hpc_ckpt_*.ckpt"  # Lightning's SLURM auto-requeue che
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM (or SIGUSR1), finish the current step on every rank, save `dirpath/last.ckpt`, stop."""
+    """On SIGTERM (or SIGUSR1), finish the current step on every rank, save `dirpath/last.ckpt`, stop.
+
+    Also saves `dirpath/last.ckpt` when the non-finite guard stops the run (the weights are the last good
+    ones; the error then names the file), and at start-up removes what killed checkpoint writes left in
+    the run's checkpoint directories (partial `.tmp` files)."""
 
     def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
         self.path = os.path.join(dirpath, LAST_CHECKPOINT)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:  # only rank 0 writes checkpoints, and none is being written yet
+            return
+        directories = {self.dirpath, *(c.dirpath for c in trainer.checkpoint_callbacks if c.dirpath)}
+        for directory in sorted(directories):
+            for path in remove_stale_temporaries(directory):
+                log.warning("Removed %s: a partial checkpoint left by a write that was killed.", path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning has registered its handlers (and noted the previous ones, which it restores when
@@ -56,6 +71,9 @@ class PreemptionCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.path, weights_only=False)
             log.warning("Preempted at step %d: saved %s. Resume with ckpt_path=last (or ckpt_path=%s).",
                         trainer.global_step, self.path, self.path)
+        elif isinstance(exception, NonFiniteTrainingError):  # raised on every rank at the same step
+            trainer.save_checkpoint(self.path)
+            exception.checkpoint = self.path
 
 
 @contextmanager

@@ -77,6 +77,8 @@ def first_stage_config(cfg: DictConfig) -> DictConfig:
     own_data = {key: stage1.data[key] for key in {*STAGE_DATA_KEYS, *explicit} if key in stage1.data}
     with open_dict(stage1):
         stage1.data = OmegaConf.merge(cfg.data, own_data)
+        if "num_classes" in stage1.data:  # the class conditioner's, for stage 2: stage 1 reads no labels
+            del stage1.data["num_classes"]
         stage1.paths = cfg.paths  # a copy; the output_dir is a placeholder until the hash names the directory
         stage1.paths.output_dir = "<first-stage run dir>"
         for key in ("accelerator", "devices", "num_nodes", "precision", "strategy", "use_distributed_sampler"):

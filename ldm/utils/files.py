@@ -22,10 +22,11 @@ import uuid
 from typing import Any, BinaryIO, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
-TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # save_atomic's `.{name}.{pid}.{random}.tmp`
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -47,12 +48,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         )
     if path.endswith(SAFETENSORS_SUFFIX):
         device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-        return load_safetensors(path, device=device)
+        try:
+            return load_safetensors(path, device=device)
+        except SafetensorError as error:
+            raise CorruptCheckpointError(_not_safetensors_message(path, error)) from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise CorruptCheckpointError(f"{path!r} is not a readable torch checkpoint: {error}") from error
+        if "Weights only load failed" not in str(error) or not re.search(r"GLOBAL |Unsupported global", str(error)):
+            reason = str(error).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0].strip()
+            raise CorruptCheckpointError(f"{path!r} is not a readable torch checkpoint ({reason}): it is "
+                                         "truncated or another format.") from None
         raise UnsafeCheckpointError(_unsafe_message(path, str(error))) from None
     except (EOFError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
@@ -73,13 +79,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     of the project (checkpoints, shards, metric caches, classifier weights).
 
     The temporary file lives in the target's directory (same file system, so `os.replace` is an
-    atomic rename) and is named `.<name>.<pid>.<random>.tmp` (TEMPORARY_SUFFIX), so a killed writer's leftover
+    atomic rename) and is named `.<name>.<pid>.<random>.tmp` (TEMPORARY_NAME), so a killed writer's leftover
     is recognisable; fsync of the file and then of the directory makes both the bytes and the rename survive
     a power loss, not only a killed process."""
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}")
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # (TEMPORARY_NAME matches it: remove_stale_temporaries finds what a killed write left behind)
     # os.open with 0o666 honours the umask, unlike tempfile.mkstemp (always 0o600)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -93,6 +100,34 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.remove(temporary)
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files of `save_atomic` writes that were killed (SIGKILL, node failure) in
+    `directory`; returns their paths. Call it only where no write can be under way (a run's own checkpoint
+    directory at start-up): each one is a partial checkpoint, often gigabytes."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    stale = [os.path.join(directory, name) for name in sorted(os.listdir(directory)) if TEMPORARY_NAME.match(name)]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file header (empty when it has none)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as error:
+        raise CorruptCheckpointError(_not_safetensors_message(os.fspath(path), error)) from None
+
+
+def _not_safetensors_message(path: str, error: Exception) -> str:
+    return (f"{path!r} is not a readable safetensors file ({error}): it is truncated, or another format renamed "
+            "to .safetensors (a torch .ckpt keeps its .ckpt name). Download or export it again "
+            "(`python -m ldm.cli.export ... format=safetensors`).")
 
 
 def _unsafe_message(path: str, torch_message: str) -> str:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -59,3 +61,19 @@ def interleave(first: Tensor, second: Tensor) -> Tensor:
 def images_to_uint8(images: Tensor) -> Tensor:
     """Quantise float images in [-1, 1] to uint8 [0, 255], as saving them to PNG would (clean-fid)."""
     return ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16-bit grayscale (PNG, TIFF)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, whatever its mode, with 16-bit grayscale *scaled* to 8 bits.
+
+    PIL's ``convert("RGB")`` clips 16-bit values (``I;16``, and ``I`` as 16-bit PNGs open) at 255, so a
+    16-bit photo turns almost white; here v -> round(v * 255 / 65535) instead. Forces the full decode, so
+    truncated data fails here (OSError)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
