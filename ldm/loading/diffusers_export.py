@@ -32,6 +32,7 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True) -> list[str]:
     """Write `model` (a LatentDiffusion) to `out_dir`; returns the parts that were not exported
     (also listed in `out_dir/README.md`), e.g. a text encoder diffusers has no class for."""
     unet_cfg, vae_cfg = dict(model.hparams["unet"]), dict(model.hparams["first_stage"])
+    unet_cfg.update(in_channels=model.unet.in_channels, out_channels=model.unet.out_channels)  # derived, maybe null
     _check_exportable(unet_cfg, vae_cfg)
     weights = model_weights(model, use_ema)
     factor = model.first_stage.downsampling_factor

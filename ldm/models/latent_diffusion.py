@@ -2,13 +2,15 @@
 
 A frozen stage-1 autoencoder maps images to latents z0 = scale_factor * E(x); a UNet learns to predict
 the noise (or v) added to them, conditioned through cross-attention (text), a class embedding (classes),
-or nothing. This module owns training only: nets, schedule and samplers live in their own modules.
+concatenation to z_t (low-res image, masked image + mask, semantic map: ldm/models/concat_conditioners.py), a
+Composite of these, or nothing. The UNet's input / output channels are derived: latent (+ concat) channels.
+This module owns training only: nets, schedule and samplers live in their own modules.
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import hydra
 import pytorch_lightning as pl
@@ -17,6 +19,14 @@ from torch import nn
 
 from ldm.diffusion.samplers import make_generators, sample
 from ldm.diffusion.schedule import NoiseSchedule, diffusion_loss
+from ldm.models.concat_conditioners import (
+    as_batch,
+    batch_length,
+    concat_channels_of,
+    condition,
+    is_droppable,
+    unet_inputs,
+)
 from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
@@ -64,10 +74,10 @@ class LatentDiffusion(pl.LightningModule):
             )
         self.first_stage = KLAutoencoder(**first_stage)
         self.first_stage.requires_grad_(False).eval()
-        _check_first_stage(self.first_stage, unet, first_stage_ckpt, first_stage_factor)
+        _check_first_stage(self.first_stage, first_stage_ckpt, first_stage_factor)
 
-        self.unet = UNetModel(**unet)
         self.conditioner = hydra.utils.instantiate(conditioner)
+        self.unet = UNetModel(**derived_unet_channels(unet, self.first_stage, self.conditioner, first_stage_ckpt))
         self.schedule = NoiseSchedule(**(schedule or {}))
         self.register_buffer("scale_factor", torch.tensor(math.nan if scale_factor is None else scale_factor))
         self._scale_factor_ready = scale_factor is not None
@@ -120,12 +130,22 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.unet(latents, timesteps, **cond)
+        x, kwargs = unet_inputs(latents, cond)  # a `concat` condition is stacked on z_t's channels (Fig. 3)
+        return self.unet(x, timesteps, **kwargs)
 
-    def conditioning(self, batch: dict[str, Any], drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        key = self.conditioner.batch_key
-        inputs = batch[key] if key is not None else None
-        return self.conditioner(inputs, drop_mask=drop)
+    def conditioning(self, batch: Mapping[str, Any], drop: torch.Tensor | None,
+                     latent_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The UNet's keyword arguments for a batch; concat conditions are brought to `latent_size`, a masked
+        image is encoded by this model's frozen first stage (`encode_condition`)."""
+        if latent_size is None:
+            side = self.hparams.image_size // self.first_stage.downsampling_factor
+            latent_size = (side, side)
+        return condition(self.conditioner, batch, drop, latent_size=latent_size, encode=self.encode_condition)
+
+    @torch.no_grad()
+    def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of a condition image (posterior mode: a condition needs no sampling noise)."""
+        return self.first_stage.encode(images).mode() * self.scale_factor
 
     def diffusion_losses(
         self, batch: dict[str, Any], generator: torch.Generator | None = None, p_uncond: float = 0.0
@@ -134,7 +154,7 @@ class LatentDiffusion(pl.LightningModule):
         latents = self.batch_latents(batch, generator) * self.scale_factor
         n = latents.shape[0]
         drop = drop_mask(n, p_uncond, generator=generator, device=self.device) if p_uncond > 0 else None
-        cond = self.conditioning(batch, drop)
+        cond = self.conditioning(batch, drop, latent_size=latents.shape[-2:])
         t = torch.randint(0, self.schedule.num_timesteps, (n,), device=self.device, generator=generator)
         noise = torch.randn(latents.shape, device=self.device, generator=generator, dtype=latents.dtype)
         noisy = self.schedule.q_sample(latents, t, noise)
@@ -210,7 +230,7 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def generate(
         self,
-        conditions: Sequence[str] | torch.Tensor | None = None,
+        conditions: Sequence[str] | torch.Tensor | Mapping[str, Any] | None = None,
         num_samples: int | None = None,
         *,
         sampler: str = "ddim",
@@ -224,23 +244,25 @@ class LatentDiffusion(pl.LightningModule):
         strength: float = 1.0,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models).
+        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), or for a
+        batch of conditions ({"caption": [...], "lowres": ..., "image": ..., "mask": ..., "semantic_map": ...}).
 
         Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
-        n = len(conditions) if conditions is not None else num_samples
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in as_batch(self.conditioner, conditions).items()}
+        n = batch_length(batch) or num_samples
         if n is None:
             raise ValueError("generate() needs `conditions` (prompts or class labels) or `num_samples`.")
         size = (image_size or self.hparams.image_size) // self.first_stage.downsampling_factor
         shape = (n, self.first_stage.embed_dim, size, size)
-        if isinstance(conditions, torch.Tensor):
-            conditions = conditions.to(self.device)
-        cond = self.conditioner(conditions, drop_mask=None)
+        cond = self.conditioning(batch, None, latent_size=(size, size))
         uncond = None
-        if cfg_scale != 1.0 and self.conditioner.batch_key is not None:
-            uncond = self.conditioner(conditions, drop_mask=torch.ones(n, dtype=torch.bool, device=self.device))
+        if cfg_scale != 1.0 and is_droppable(self.conditioner):
+            drop = torch.ones(n, dtype=torch.bool, device=self.device)
+            uncond = self.conditioning(batch, drop, latent_size=(size, size))
         init_latent = self.encode(init_images.to(self.device)) if init_images is not None else None
         latents = sample(
-            lambda x, t, c: self.unet(x, t, **c),
+            self,  # forward(x, t, cond): the model_fn, concat conditions included
             self.schedule,
             shape,
             sampler=sampler,
@@ -278,18 +300,26 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))
 
 
-def _check_first_stage(first_stage: KLAutoencoder, unet: dict, ckpt: str | None, factor: int | None) -> None:
+def _check_first_stage(first_stage: KLAutoencoder, ckpt: str | None, factor: int | None) -> None:
     if factor is not None and first_stage.downsampling_factor != factor:
         raise ValueError(
             f"The stage-1 model {ckpt} has downsampling factor f={first_stage.downsampling_factor}, but this "
             f"experiment expects f={factor}. Pass a stage-1 checkpoint of ae_kl_f{factor}, or use the "
             f"experiment ldm_f{first_stage.downsampling_factor}_* that matches it."
         )
-    if unet["in_channels"] != first_stage.embed_dim:
-        raise ValueError(
-            f"The stage-1 model {ckpt} makes latents with {first_stage.embed_dim} channels (f="
-            f"{first_stage.downsampling_factor}), but model.unet.in_channels={unet['in_channels']}. Pass "
-            f"model.unet.in_channels={first_stage.embed_dim}, or a stage-1 checkpoint with "
-            f"{unet['in_channels']} latent channels."
-        )
 
+
+def derived_unet_channels(unet: dict, first_stage: KLAutoencoder, conditioner: nn.Module, ckpt: str | None) -> dict:
+    """The UNet arguments with `in_channels` = latent + concatenated-condition channels and `out_channels` =
+    latent channels, never typed twice: null (or absent) derives them, a different explicit value is an error."""
+    latent = first_stage.embed_dim
+    concat = concat_channels_of(conditioner, latent)
+    derived = {"in_channels": latent + concat, "out_channels": latent}
+    why = (f"the stage-1 model {ckpt or '(built in)'} makes latents with {latent} channels (f="
+           f"{first_stage.downsampling_factor})" + (f", plus {concat} concatenated condition channels" if concat else ""))
+    for key, value in derived.items():
+        given = unet.get(key)
+        if given is not None and given != value:
+            raise ValueError(f"model.unet.{key}={given}, but {why}: {key} must be {value}. Leave model.unet.{key} "
+                             f"out (null derives it), or pass a stage-1 checkpoint / conditioner that gives {given}.")
+    return {**unet, **derived}
