@@ -2,7 +2,10 @@
 
     python sample.py ckpt=PATH prompt="a red circle at the top left" n=16 sampler=ddim steps=50 cfg_scale=5 out=DIR
 
-Writes DIR/00000.png ..., DIR/grid.png (one row per prompt / class) and DIR/samples.json.
+    python sample.py ckpt=PATH task=inpaint image=IMG.png mask=MASK.png prompt="a red circle" n=4 out=DIR
+
+Writes DIR/00000.png ..., DIR/grid.png (one row per prompt / class; with task=: condition | samples) and
+DIR/samples.json.
 """
 import logging
 import sys
@@ -11,19 +14,25 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from ldm.inference.sampling import sample_checkpoint
+from ldm.inference.tasks import sample_task
 
 log = logging.getLogger("sample")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    common = dict(prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,
+                  class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size, sampler=cfg.sampler,
+                  steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed, use_ema=cfg.use_ema,
+                  device=cfg.device, precision=cfg.precision)
     try:
-        records = sample_checkpoint(
-            cfg.ckpt, cfg.out, prompts=[cfg.prompt] if cfg.prompt else [], prompts_file=cfg.prompts_file,
-            class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size, sampler=cfg.sampler,
-            steps=cfg.steps, eta=cfg.eta, cfg_scale=cfg.cfg_scale, seed=cfg.seed, use_ema=cfg.use_ema,
-            device=cfg.device, precision=cfg.precision,
-        )
+        if cfg.task:
+            records = sample_task(cfg.ckpt, cfg.out, cfg.task, image=cfg.image, mask=cfg.mask,
+                                  semantic_map=cfg.map, strength=cfg.strength, **common)
+        else:
+            if cfg.image or cfg.mask or cfg.map:
+                raise ValueError("image= / mask= / map= need task=img2img|sr|inpaint|semantic.")
+            records = sample_checkpoint(cfg.ckpt, cfg.out, **common)
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         sys.exit(2)

@@ -284,3 +284,17 @@ def _inputs(conditioner: nn.Module, batch: Batch) -> Any:
                             "A text model needs the batch's 'caption' entry (an empty string for no caption).")
         raise ValueError(f"{type(conditioner).__name__} needs the batch entry {key!r}, which is missing.")
     return batch[key] if isinstance(key, str) else {k: batch[k] for k in keys}
+
+
+def require_no_concat(conditioner: nn.Module) -> None:
+    """Refuse plain prompt / class sampling of a model that needs spatial conditions, naming the task to run."""
+    parts = concat_parts(conditioner)
+    if parts:
+        needed = " ".join(part.usage.split(" (")[0] for part in parts)
+        raise ValueError(f"This checkpoint is an image-conditioned model (task={'+'.join(p.task for p in parts)}): it is conditioned on "
+                         f"{', '.join(repr(k) for p in parts for k in _keys(p))} and cannot sample without them. Run "
+                         f"`python sample.py ckpt=... {needed}`.")
+
+
+def _keys(part: ConcatConditioner) -> tuple[str, ...]:
+    return (part.batch_key,) if isinstance(part.batch_key, str) else tuple(part.batch_key)
