@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.evaluation.evaluate import evaluate
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
+from ldm.evaluation.tasks import evaluate_task
 from ldm.metrics import WeightsUnavailableError
 
 log = logging.getLogger("evaluate")
@@ -29,6 +30,15 @@ def main(cfg: DictConfig) -> None:
     try:
         if cfg.report:
             log.info("report -> %s", report_of_runs(cfg))
+            return
+        if cfg.task:
+            if not cfg.ckpt:
+                raise ValueError(f"task={cfg.task} needs ckpt=PATH (the checkpoint to sample).")
+            settings = {key: cfg[key] for key in SETTINGS if key not in ("ckpt", "fake_dir", "real_dir")}
+            metrics = evaluate_task(cfg.task, cfg.out, cfg.ckpt, cfg.data,
+                                    features=OmegaConf.to_container(cfg.features, resolve=True), **settings)
+            log.info("task=%s: %s -> %s/metrics.json", cfg.task, {k: v for k, v in metrics.items()
+                     if isinstance(v, float)}, cfg.out)
             return
         metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
                            **{key: cfg[key] for key in SETTINGS})
