@@ -147,11 +147,15 @@ class Composite(nn.Module):
                              f"{list(self.parts)}.")
         self.drop = [name for name in self.parts if name in drop]
         self.droppable = bool(self.drop)
-        keyed = [part for part in self.parts.values() if not isinstance(part, ConcatConditioner)]
+        keyed = [name for name, part in self.parts.items() if not isinstance(part, ConcatConditioner)]
         if len(keyed) > 1:
-            raise ValueError(f"Composite takes at most one text / class part; got {len(keyed)}: "
-                             f"{[type(p).__name__ for p in keyed]}.")
-        self.primary = keyed[0] if keyed else None
+            raise ValueError(f"Composite takes at most one text / class part; got {len(keyed)}: {keyed}.")
+        self._primary_name = keyed[0] if keyed else None  # a name, not a second reference: no duplicate state keys
+
+    @property
+    def primary(self) -> nn.Module | None:
+        """The text / class part (what prompts or labels feed), None without one."""
+        return self.parts[self._primary_name] if self._primary_name is not None else None
 
     @property
     def batch_key(self) -> str | None:
