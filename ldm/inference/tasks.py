@@ -73,7 +73,7 @@ def read_rgb(path: str | None, option: str = "image") -> torch.Tensor:
         raise FileNotFoundError(f"{option}={path!r} does not exist.")
     with Image.open(path) as image:
         if image.mode != "RGB":
-            raise ValueError(f"{option}={path!r} is a {image.mode} image, not RGB. Convert it first, e.g. "
+            raise ValueError(f"{option}={path!r} has mode {image.mode}, not RGB. Convert it first, e.g. "
                              f"`Image.open(path).convert('RGB').save(new_path)` (drops alpha / expands grey).")
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
     _check_square(pixels.shape[0], pixels.shape[1], option, path)
