@@ -279,8 +279,8 @@ def _inputs(conditioner: nn.Module, batch: Batch) -> Any:
     missing = [k for k in keys if batch.get(k) is None]
     if missing:
         if isinstance(conditioner, ConcatConditioner):
-            raise ValueError(f"This model is conditioned on {', '.join(repr(k) for k in keys)} (a {conditioner.task} "
-                             f"model) and got no {missing[0]!r}. Sample it with `python sample.py ckpt=... "
+            raise ValueError(f"This model is conditioned on {', '.join(repr(k) for k in keys)} (task="
+                             f"{conditioner.task}) and got no {missing[0]!r}. Sample it with `python sample.py ckpt=... "
                              f"{conditioner.usage}`; train it on data that provides {missing[0]!r} (see "
                              "data.degradations / data.semantic_map).")
         if key == "caption":
