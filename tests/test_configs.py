@@ -28,7 +28,8 @@ def widths(cfg) -> dict:
 
 def test_all_contract_experiments_exist():
     for name in ["ae_kl_f4", "ae_kl_f8", "ae_kl_f16", "ldm_f4_text", "ldm_f8_text", "ldm_f16_text",
-                 "ldm_f8_class", "ldm_f8_uncond", "quickstart"]:
+                 "ldm_f8_class", "ldm_f8_uncond", "quickstart", "ldm_sr_f4", "ldm_inpaint_f4", "ldm_inpaint_f8",
+                 "ldm_semantic_f4"]:
         assert name in EXPERIMENTS
 
 
@@ -43,7 +44,9 @@ def test_experiment_composes_and_tiny_keeps_structure(experiment):
         attention = tiny.model.unet.attention_resolutions
         assert list(attention) == list(paper.model.unet.attention_resolutions)
         if tiny.model.unet.get("context_dim") is not None:
-            assert tiny.model.unet.context_dim == tiny.model.conditioner.width
+            conditioner = tiny.model.conditioner
+            text = conditioner.parts.text if "parts" in conditioner else conditioner  # a Composite's text part
+            assert tiny.model.unet.context_dim == text.width
 
 
 def test_size_preset_adds_nothing_and_command_line_wins():
@@ -113,3 +116,12 @@ def test_first_stage_reads_the_parent_data_set_with_its_own_batch_size_and_overr
     assert stage1.data.num_workers == 0 and stage1.trainer.max_steps == 7  # explicit first_stage.overrides
     assert stage1.data.num_train == 500 and stage1.data.root == parent.data.root  # the parent's data set
     assert stage1.model.vae.ch_mult == [1, 2, 4]  # quickstart's f=4 first stage
+
+
+def test_image_conditioned_tasks_share_one_first_stage():
+    """Degradations and semantic maps are stage-2 conditions: the stage-1 config (and cache key) ignores them."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        stage1 = {name: first_stage_config(compose(config_name="train", overrides=[f"experiment={name}", "size=small"]))
+                  for name in ("ldm_f4_text", "ldm_sr_f4", "ldm_inpaint_f4", "ldm_semantic_f4")}
+    assert len({config_hash(cfg) for cfg in stage1.values()}) == 1
+    assert "degradations" not in stage1["ldm_sr_f4"].data and "semantic_map" not in stage1["ldm_semantic_f4"].data
