@@ -53,8 +53,8 @@ def train_task(experiment: str, args: argparse.Namespace, out: Path) -> tuple[st
         f"paths.cache_dir={args.cache}", f"paths.data_dir={args.data}", f"data.num_workers={args.workers}",
         "trainer.max_steps=1000000", f"+trainer.max_time={minutes_string(args.minutes)}",
         "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0",
-        f"first_stage.overrides=['trainer.max_steps=1000000','+trainer.max_time={minutes_string(args.ae_minutes)}',"
-        "'trainer.val_check_interval=1000000','trainer.limit_val_batches=0']",
+        (f"first_stage.overrides=['trainer.max_steps=1000000','+trainer.max_time={minutes_string(args.ae_minutes)}',"
+         "'trainer.val_check_interval=1000000','trainer.limit_val_batches=0']"),
         *args.overrides,
     ]
     stage_one_dir = Path(args.cache) / "first_stage"

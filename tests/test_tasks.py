@@ -144,7 +144,7 @@ def test_concat_checkpoint_sampled_without_its_condition_exits_with_the_fix(chec
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in output
     assert "image-conditioned model (task=inpaint)" in output and "task=inpaint image=IMAGE.png mask=MASK.png" in output
-    proc = run_sample(f"ckpt={checkpoints['sr']}", f"task=inpaint", f"image={inputs['image']}", f"mask={inputs['mask']}",
+    proc = run_sample(f"ckpt={checkpoints['sr']}", "task=inpaint", f"image={inputs['image']}", f"mask={inputs['mask']}",
                       "steps=1", f"out={tmp_path}/out2")
     assert proc.returncode == 2 and "was not trained for task=inpaint" in proc.stdout + proc.stderr
 

@@ -24,8 +24,8 @@ from ldm.evaluation.image_sources import (
 )
 from ldm.inference.sampling import SamplerSettings, as_model_inputs
 from ldm.inference.tasks import condition_images, condition_rows
-from ldm.models.concat_conditioners import concat_parts
 from ldm.metrics import images_to_uint8
+from ldm.models.concat_conditioners import concat_parts
 from ldm.utils.images import log_image_grid, save_image_grid
 
 
