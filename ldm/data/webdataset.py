@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldm.data.degradations import build_degradations
 from ldm.data.shapes import shapes_urls, write_shapes
 from ldm.data.sharding import ShardPlan, WorkerSlice, plan_shards, resume_point
 from ldm.data.shards import expand_urls, is_local, iter_raw_samples, shard_sample_counts
@@ -31,7 +32,7 @@ from ldm.data.transforms import (
     ImageTransform,
     collate,
     decode_sample,
-    to_unit_range,
+    to_model_ranges,
 )
 from ldm.utils.ranks import distributed_rank_and_world_size
 
@@ -148,8 +149,7 @@ class EpochLoader(DataLoader):
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start_epoch(*self._start_pass())
         for batch in super().__iter__():
-            if "image" in batch:
-                batch["image"] = to_unit_range(batch["image"])  # in this process: workers ship uint8
+            to_model_ranges(batch)  # in this process: workers ship uint8
             self._on_batch(batch)
             yield batch
         self._on_end()
@@ -171,7 +171,11 @@ class WebDataModule(pl.LightningDataModule):
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         seed: int = 0,
+        degradations: dict | None = None,
+        semantic_map: bool = False,
     ) -> None:
+        """`degradations`: conditions computed from each crop (`lowres`, `mask`: ldm/data/degradations.py);
+        `semantic_map`: also read each sample's `{key}.seg.png` label map (shapes writes one)."""
         super().__init__()
         if batch_size < 1 or num_workers < 0 or (samples_per_epoch is not None and samples_per_epoch < 1):
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, samples_per_epoch >= 1 or None; got "
@@ -181,6 +185,8 @@ class WebDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.random_flip, self.shuffle_buffer = num_workers, random_flip, shuffle_buffer
         self.resampled, self.samples_per_epoch, self.seed = resampled, samples_per_epoch, seed
+        self.degradations = build_degradations(degradations, resolution)  # checked here: fail before training
+        self.semantic_map = semantic_map
         self.num_skipped = 0  # corrupt samples dropped from the batches this process has yielded
         self._epoch, self._consumed = 0, 0
         self._resume: tuple[int, int] | None = None
@@ -234,7 +240,8 @@ class WebDataModule(pl.LightningDataModule):
     def sample_decoder(self, train: bool) -> Callable[..., dict]:
         """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
         transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
-        return functools.partial(decode_sample, transform=transform, seed=self.seed)
+        return functools.partial(decode_sample, transform=transform, seed=self.seed, degradations=self.degradations,
+                                 semantic_map=self.semantic_map)
 
     def _start_train_pass(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
