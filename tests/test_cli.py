@@ -90,7 +90,7 @@ def test_optuna_search_without_the_plugin_names_the_extra(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     path = os.pathsep.join([str(tmp_path / "shadow"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    proc = run("train.py", "-m", "+hparams_search=ldm_optuna", "experiment=ldm_f8_text", cwd=work,
+    proc = run("train.py", "-m", "hparams_search=ldm_optuna", "experiment=ldm_f8_text", cwd=work,
                env={"PYTHONPATH": path})
     assert proc.returncode == 2
     line = one_line(proc.stderr)
@@ -131,7 +131,7 @@ def test_the_cost_estimate_counts_the_networks_it_would_train():
     """The meta-device build has the parameters of the real one (size=tiny, built for real here)."""
     cfg = compose_train(["experiment=ldm_f8_text", "size=tiny", "model.first_stage_ckpt=unused.ckpt"])
     cost = estimate_cost(cfg)
-    unet = UNetModel(**cfg.model.unet)
+    unet = UNetModel(**{**cfg.model.unet, "in_channels": 4, "out_channels": 4})  # derived: ae_kl_f8's 4 latent channels
     text = TextTransformer(**{k: v for k, v in cfg.model.conditioner.items() if k != "_target_"})
     assert cost.parameters == {"UNet": sum(p.numel() for p in unet.parameters()),
                                "conditioner": sum(p.numel() for p in text.parameters())}

@@ -32,7 +32,8 @@ def widths(cfg) -> dict:
 
 def test_all_contract_experiments_exist():
     for name in ["ae_kl_f4", "ae_kl_f8", "ae_kl_f16", "ldm_f4_text", "ldm_f8_text", "ldm_f16_text",
-                 "ldm_f8_class", "ldm_f8_uncond", "quickstart"]:
+                 "ldm_f8_class", "ldm_f8_uncond", "quickstart", "ldm_sr_f4", "ldm_inpaint_f4", "ldm_inpaint_f8",
+                 "ldm_semantic_f4"]:
         assert name in EXPERIMENTS
 
 
@@ -47,7 +48,9 @@ def test_experiment_composes_and_tiny_keeps_structure(experiment):
         attention = tiny.model.unet.attention_resolutions
         assert list(attention) == list(paper.model.unet.attention_resolutions)
         if tiny.model.unet.get("context_dim") is not None:
-            assert tiny.model.unet.context_dim == tiny.model.conditioner.width
+            conditioner = tiny.model.conditioner
+            text = conditioner.parts.text if "parts" in conditioner else conditioner  # a Composite's text part
+            assert tiny.model.unet.context_dim == text.width
 
 
 def test_size_preset_adds_nothing_and_command_line_wins():
@@ -68,7 +71,7 @@ def test_factor_experiments_set_latent_channels():
         assert 2 ** (len(ae.model.vae.ch_mult) - 1) == f
         assert ae.model.vae.embed_dim == channels
         ldm = compose_train([f"experiment=ldm_f{f}_text"])
-        assert ldm.model.unet.in_channels == channels
+        assert ldm.model.unet.in_channels is None and ldm.model.unet.out_channels is None  # derived at build
         assert ldm.first_stage.experiment == f"ae_kl_f{f}"
 
 
@@ -174,3 +177,12 @@ def test_class_models_pass_their_class_count_to_the_data_layer_and_stage_one_rea
     assert "num_classes" not in stage1.data  # stage 1 reads no labels: its cache key is unchanged
     text = compose_train(["experiment=ldm_f8_text", "size=tiny", f"paths.data_dir={tmp_path}"])
     assert hydra.utils.instantiate(text.data).num_classes is None
+
+
+def test_image_conditioned_tasks_share_one_first_stage():
+    """Degradations and semantic maps are stage-2 conditions: the stage-1 config (and cache key) ignores them."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        stage1 = {name: first_stage_config(compose(config_name="train", overrides=[f"experiment={name}", "size=small"]))
+                  for name in ("ldm_f4_text", "ldm_sr_f4", "ldm_inpaint_f4", "ldm_semantic_f4")}
+    assert len({config_hash(cfg) for cfg in stage1.values()}) == 1
+    assert "degradations" not in stage1["ldm_sr_f4"].data and "semantic_map" not in stage1["ldm_semantic_f4"].data

@@ -157,8 +157,10 @@ def test_init_from_loads_into_a_training_model_and_restarts_ema(fixtures_dir):
 
 def test_full_size_sd1_preset_matches_the_release_keys(fixtures_dir):
     config = sd_model_config("sd1")
+    assert config["unet"].get("in_channels") is None  # derived by LatentDiffusion: latent channels (+ concat)
+    channels = {"in_channels": config["first_stage"]["embed_dim"], "out_channels": config["first_stage"]["embed_dim"]}
     with torch.device("meta"):
-        unet = UNetModel(**config["unet"])
+        unet = UNetModel(**{**config["unet"], **channels})
         vae = KLAutoencoder(**config["first_stage"])
     for net, prefix, file in [(unet, "model.diffusion_model.", "sd_v1_unet_keys.json"),
                               (vae, "first_stage_model.", "sd_v1_vae_keys.json")]:
@@ -184,4 +186,4 @@ def test_hydra_preset_agrees_with_the_plain_reading(preset, repo_root, tmp_path)
     for key in ("unet", "first_stage", "schedule", "conditioner"):  # Hydra adds defaults (dropout, checkpoint_path)
         assert {k: composed[key][k] for k in plain[key]} == plain[key]
     with torch.device("meta"):
-        UNetModel(**composed["unet"])
+        UNetModel(**{**composed["unet"], "in_channels": 4, "out_channels": 4})  # LatentDiffusion derives these

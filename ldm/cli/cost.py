@@ -14,14 +14,19 @@ from typing import Any
 
 import hydra
 import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.concat_conditioners import ConcatConditioner, concat_channels_of
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import KLAutoencoder
+from ldm.training.stages import first_stage_config
+from ldm.utils.config import CONFIG_DIR
 
 TRAINING_STEP_FORWARDS = 3  # forward + backward (about 2 forwards)
 
@@ -70,7 +75,7 @@ def estimate_cost(cfg: DictConfig) -> RunCost:
     target = hydra.utils.get_class(model["_target_"])
     batch, resolution = int(cfg.data.batch_size), int(cfg.data.resolution)
     if issubclass(target, LatentDiffusion):
-        networks, forward = _latent_diffusion_forward(model, batch, resolution)
+        networks, forward = _latent_diffusion_forward(model, batch, resolution, _latent_channels(cfg, model))
     elif issubclass(target, AutoencoderKL):
         networks, forward = _autoencoder_forward(model, batch, resolution)
     else:
@@ -79,23 +84,38 @@ def estimate_cost(cfg: DictConfig) -> RunCost:
     return RunCost(parameters, TRAINING_STEP_FORWARDS * forward, matmul_flops_per_second())
 
 
-def _latent_diffusion_forward(model: dict[str, Any], batch: int, resolution: int) -> tuple[dict[str, nn.Module], float]:
-    """UNet and conditioner; the frozen first stage's encoding is not counted."""
+def _latent_channels(cfg: DictConfig, model: dict[str, Any]) -> int:
+    """The first stage's latent channels: from `model.first_stage`, else from the stage-1 experiment's config."""
+    if model.get("first_stage"):
+        return int(model["first_stage"]["embed_dim"])
+    if GlobalHydra.instance().is_initialized():
+        return int(first_stage_config(cfg).model.vae.embed_dim)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return int(first_stage_config(cfg).model.vae.embed_dim)
+
+
+def _latent_diffusion_forward(model: dict[str, Any], batch: int, resolution: int,
+                              latent_channels: int) -> tuple[dict[str, nn.Module], float]:
+    """UNet (in / out channels derived as LatentDiffusion derives them) and conditioner; the frozen first
+    stage's encoding is not counted."""
     with torch.device("meta"):
-        unet = UNetModel(**model["unet"])
         conditioner = hydra.utils.instantiate(model["conditioner"])
+        in_channels = latent_channels + concat_channels_of(conditioner, latent_channels)
+        unet = UNetModel(**{**model["unet"], "in_channels": in_channels, "out_channels": latent_channels})
     latent = resolution // int(model.get("first_stage_factor") or 8)
     with FlopCounterMode(display=False) as counter:
         cond = _conditioning(conditioner, batch)
-        unet(torch.zeros(batch, model["unet"]["in_channels"], latent, latent, device="meta"),
+        unet(torch.zeros(batch, in_channels, latent, latent, device="meta"),
              torch.zeros(batch, dtype=torch.long, device="meta"), **cond)
     return {"UNet": unet, "conditioner": conditioner}, counter.get_total_flops()
 
 
 def _conditioning(conditioner: nn.Module, batch: int) -> dict[str, torch.Tensor]:
-    """The conditioner's output for `batch` empty conditions, traced on `meta` where it can be."""
+    """The conditioner's output for `batch` empty conditions, traced on `meta` where it can be; a Composite's
+    text / class part only (concat channels are part of the UNet input above)."""
+    conditioner = getattr(conditioner, "primary", conditioner)
     key = getattr(conditioner, "batch_key", None)
-    if key is None:
+    if key is None or isinstance(conditioner, ConcatConditioner):
         return {}
     try:
         return conditioner([""] * batch if key == "caption" else torch.zeros(batch, dtype=torch.long, device="meta"))

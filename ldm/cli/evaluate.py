@@ -5,6 +5,7 @@ coverage, IS and, on shapes, prompt fidelity.
     python evaluate.py fake_dir=DIR real_dir=DIR features=inception_v3 out=DIR
     python evaluate.py report=compare runs=MULTIRUN_DIR out=DIR      # factor comparison (ldm/evaluation/reports.py)
     python evaluate.py report=captions ckpt=PATH out=DIR            # caption sensitivity and signal leak only
+    python evaluate.py task=sr ckpt=PATH num_samples=256 out=DIR    # also task=inpaint|semantic (ldm/evaluation/tasks.py)
 
 Writes DIR/metrics.json, DIR/metrics.md and (ckpt=) DIR/samples/. See configs/evaluate.yaml.
 """
@@ -19,6 +20,7 @@ from ldm.evaluation.evaluate import EvaluationOptions, diagnose_checkpoint, eval
 from ldm.evaluation.image_sources import reference_images
 from ldm.evaluation.reports import DEFAULT_PROMPTS, compare_factors, summarize_sweep
 from ldm.evaluation.sweep import sweep_checkpoint
+from ldm.evaluation.tasks import evaluate_task
 from ldm.metrics import WeightsUnavailableError
 from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -34,6 +36,9 @@ def main(cfg: DictConfig) -> None:
         return
     if any(cfg.sweep.values()):
         log.info("sweep -> %s", sweep_of_settings(cfg))
+        return
+    if cfg.task:
+        log.info("task=%s -> %s", cfg.task, task_metrics(cfg))
         return
     metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
                        sampling=_sampling(cfg), **{key: cfg[key] for key in SETTINGS})
@@ -55,6 +60,18 @@ def sweep_of_settings(cfg: DictConfig) -> str:
                      num_samples=cfg.num_samples, base=base, options=options, batch_size=cfg.batch_size,
                      use_ema=cfg.use_ema, precision=cfg.precision)
     return os.path.join(cfg.out, "sweep.md")
+
+
+def task_metrics(cfg: DictConfig) -> str:
+    """`task=sr|inpaint|semantic ckpt=PATH`: the task's metrics next to its baseline (ldm/evaluation/tasks.py)."""
+    if not cfg.ckpt:
+        raise ValueError(f"task={cfg.task} needs ckpt=PATH (the checkpoint to sample).")
+    settings = {key: cfg[key] for key in SETTINGS if key not in ("ckpt", "fake_dir", "real_dir", "diagnostics",
+                                                                  "diagnostics_samples")}
+    metrics = evaluate_task(cfg.task, cfg.out, cfg.ckpt, cfg.data, sampling=_sampling(cfg),
+                            features=OmegaConf.to_container(cfg.features, resolve=True), **settings)
+    shown = {key: value for key, value in metrics.items() if isinstance(value, float)}
+    return f"{shown} -> {os.path.join(cfg.out, 'metrics.json')}"
 
 
 def report_of_runs(cfg: DictConfig) -> str:

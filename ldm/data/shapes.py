@@ -2,7 +2,9 @@
 
 Small enough to train on a CPU, rich enough to test conditioning: every caption ("a red circle at the top
 left") names colour, shape and 3x3 grid cell, and the first object gives a class label (colour x shape).
-Everything is drawn from one seeded generator, so a seed gives byte-identical shards.
+Every sample also carries a per-pixel semantic map (`{key}.seg.png`, 8-bit grey: 0 background, each object's
+class + 1) for semantic synthesis (LDM paper, Sec. 4.3.2). Everything is drawn from one seeded generator, so a
+seed gives byte-identical shards; the map takes no random draw, so images are those of earlier versions.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ MAX_BACKGROUND_GRAY = 48
 SIZE_RANGE = (0.15, 0.25)  # object side as a fraction of the image side
 SUPERSAMPLING = 4  # draw at 4x and box-downsample: anti-aliased edges, exact colours inside
 META_FILE = "shapes_meta.json"
+SEMANTIC_MAP_FIELD = "seg.png"  # shard field of the semantic map
+NUM_SEMANTIC_CLASSES = NUM_CLASSES + 1  # background 0, object class c as c + 1
+FORMAT_VERSION = 2  # 2: shards carry the semantic map (older caches are rewritten once, same images)
 
 
 def class_index(color: str, shape: str) -> int:
@@ -50,6 +55,15 @@ def class_index(color: str, shape: str) -> int:
 
 def render_sample(rng: np.random.Generator, resolution: int = 64, num_objects: int = 1) -> tuple[Image.Image, dict]:
     """Draw one image with ``num_objects`` objects in distinct grid cells; return it and its attributes."""
+    image, attributes, _ = render_sample_with_map(rng, resolution, num_objects, with_map=False)
+    return image, attributes
+
+
+def render_sample_with_map(
+    rng: np.random.Generator, resolution: int = 64, num_objects: int = 1, with_map: bool = True
+) -> tuple[Image.Image, dict, Image.Image | None]:
+    """`render_sample` plus its semantic map: an "L" image, 0 on the background and ``class_index + 1`` on
+    the pixels an object covers at least half of (the same supersampled geometry as the colours)."""
     if not 1 <= num_objects <= 2:
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects}")
     if resolution < 12:
@@ -58,20 +72,25 @@ def render_sample(rng: np.random.Generator, resolution: int = 64, num_objects: i
     gray = int(rng.integers(0, MAX_BACKGROUND_GRAY + 1))
     canvas = Image.new("RGB", (big, big), (gray, gray, gray))
     draw = ImageDraw.Draw(canvas)
+    semantic = np.zeros((resolution, resolution), dtype=np.uint8) if with_map else None
     cells = rng.choice(len(POSITIONS), size=num_objects, replace=False)
     objects = []
     for cell in cells:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         color = list(COLORS)[int(rng.integers(len(COLORS)))]
-        _draw_object(draw, rng, int(cell), shape, COLORS[color], resolution)
+        outline = _object_outline(rng, int(cell), shape, resolution)
+        _draw_outline(draw, shape, outline, COLORS[color])
+        if semantic is not None:
+            semantic[_coverage(shape, outline, big, resolution) >= 128] = class_index(color, shape) + 1
         objects.append({"shape": shape, "color": color, "position": POSITIONS[int(cell)]})
     image = canvas.resize((resolution, resolution), Image.Resampling.BOX)
     caption = caption_of(objects)
-    return image, {
+    attributes = {
         "caption": caption,
         "objects": objects,
         "class_label": class_index(objects[0]["color"], objects[0]["shape"]),
     }
+    return image, attributes, Image.fromarray(semantic, mode="L") if semantic is not None else None
 
 
 def caption_of(objects: list[dict[str, str]]) -> str:
@@ -117,7 +136,8 @@ def write_shapes(
     Returns brace URLs ``{"train": ..., "val": ...}`` (``val`` is None when ``num_val`` is 0).
     """
     params = {"resolution": resolution, "num_train": num_train, "num_val": num_val,
-              "num_objects": num_objects, "seed": seed, "samples_per_shard": samples_per_shard}
+              "num_objects": num_objects, "seed": seed, "samples_per_shard": samples_per_shard,
+              "format": FORMAT_VERSION}
     if num_train < 1 or num_val < 0 or samples_per_shard < 1:
         raise ValueError(f"need num_train >= 1, num_val >= 0 and samples_per_shard >= 1, got {params}")
     urls = shapes_urls(root, num_train, num_val, samples_per_shard)
@@ -151,16 +171,19 @@ def shapes_urls(root: str, num_train: int, num_val: int, samples_per_shard: int)
     return {"train": pattern("train", num_train), "val": pattern("val", num_val)}
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cell: int, shape: str,
-                 fill: tuple[int, int, int], resolution: int) -> None:
-    """Draw one shape centred in its grid cell, with a few pixels of jitter that keep it inside the cell."""
+def _object_outline(rng: np.random.Generator, cell: int, shape: str, resolution: int) -> list[float]:
+    """The supersampled bounding box of one shape centred in its grid cell, with a few pixels of jitter that
+    keep it inside the cell (three random draws, in this order: size, x jitter, y jitter)."""
     size = rng.uniform(*SIZE_RANGE) * resolution
     jitter = max(1, resolution // 32)
     row, col = divmod(cell, 3)
     cx = (col + 0.5) * resolution / 3 + int(rng.integers(-jitter, jitter + 1))
     cy = (row + 0.5) * resolution / 3 + int(rng.integers(-jitter, jitter + 1))
     s, half = SUPERSAMPLING, size / 2
-    box = [(cx - half) * s, (cy - half) * s, (cx + half) * s, (cy + half) * s]
+    return [(cx - half) * s, (cy - half) * s, (cx + half) * s, (cy + half) * s]
+
+
+def _draw_outline(draw: ImageDraw.ImageDraw, shape: str, box: list[float], fill: tuple[int, int, int] | int) -> None:
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
@@ -169,18 +192,31 @@ def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cell: int,
         draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
 
 
+def _coverage(shape: str, box: list[float], big: int, resolution: int) -> np.ndarray:
+    """(resolution, resolution) uint8: 255 x the fraction of each pixel the shape covers (box-downsampled
+    like the image, so the map and the anti-aliased colours agree)."""
+    mask = Image.new("L", (big, big), 0)
+    _draw_outline(ImageDraw.Draw(mask), shape, box, 255)
+    return np.asarray(mask.resize((resolution, resolution), Image.Resampling.BOX))
+
+
 def _encoded_samples(rng: np.random.Generator, indices: range, resolution: int,
                      num_objects: int) -> Iterator[tuple[str, dict[str, bytes]]]:
     for index in indices:
-        image, attributes = render_sample(rng, resolution, num_objects)
-        png = io.BytesIO()
-        image.save(png, format="PNG")
+        image, attributes, semantic = render_sample_with_map(rng, resolution, num_objects)
         yield f"{index:08d}", {
-            "png": png.getvalue(),
+            "png": _png(image),
             "txt": attributes["caption"].encode(),
             "json": json.dumps(attributes, sort_keys=True).encode(),
             "cls": str(attributes["class_label"]).encode(),
+            SEMANTIC_MAP_FIELD: _png(semantic),
         }
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _num_shards(count: int, samples_per_shard: int) -> int:

@@ -1,7 +1,9 @@
 """Turn raw shard samples into training tensors: decode, resize, crop, flip, collate.
 
 Random crops and flips are drawn from a generator seeded by (seed, epoch, sample key), not from a running
-stream, so a sample gets the same augmentation whether the run went straight or resumed mid-epoch.
+stream, so a sample gets the same augmentation whether the run went straight or resumed mid-epoch. A semantic
+map takes the image's crop and flip (nearest resampling); degradations (ldm/data/degradations.py) are computed
+from the cropped image.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data.degradations import Degradation, degrade
 from ldm.utils.images import to_rgb
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -34,17 +37,29 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         """(3, R, R) uint8: a quarter of float32's bytes to ship from the workers (``to_unit_range`` follows)."""
+        return self.with_map(image, None, rng)[0]
+
+    def with_map(self, image: Image.Image, labels: Image.Image | None,
+                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image as ``__call__`` and a same-sized label map ("L") with the same resize (nearest), crop and
+        flip: uint8 (1, R, R), or None without one."""
         width, height = image.size
         scale = self.resolution / min(width, height)
         size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
         left, top = self._crop_origin(size, rng)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        if self.random_flip and rng.random() < 0.5:
-            pixels = pixels.flip(-1)
-        return pixels
+        box = (left, top, left + self.resolution, top + self.resolution)
+        flip = self.random_flip and rng.random() < 0.5
+        outputs = []
+        for picture, resample in ((image, Image.Resampling.BICUBIC), (labels, Image.Resampling.NEAREST)):
+            if picture is None:
+                outputs.append(None)
+                continue
+            if size != picture.size:
+                picture = picture.resize(size, resample, reducing_gap=None)
+            array = np.asarray(picture.crop(box), dtype=np.uint8)
+            pixels = torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1)
+            outputs.append(pixels.flip(-1) if flip else pixels)
+        return outputs[0], outputs[1]
 
     def _crop_origin(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
         spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
@@ -53,8 +68,10 @@ class ImageTransform:
         return spare_x // 2, spare_y // 2
 
 
-def decode_sample(raw: dict, transform: ImageTransform, seed: int, epoch: int, num_classes: int | None = None) -> dict:
-    """One batch row (``image``, ``caption``, ``class_label``, ``key``) from an undecoded sample.
+def decode_sample(raw: dict, transform: ImageTransform, seed: int, epoch: int, num_classes: int | None = None,
+                  degradations: dict[str, Degradation] | None = None, semantic_map: bool = False) -> dict:
+    """One batch row (``image``, ``caption``, ``class_label``, ``key``) from an undecoded sample, plus
+    ``semantic_map`` (from the sample's ``.seg.png``) and the ``degradations``' fields when asked for.
 
     A sample needs an image and a label: a ``.txt`` caption or a ``.cls`` class (the other one defaults to
     ``""`` / ``-1``); with ``num_classes`` (a class-conditional model) the class is required and must lie in
@@ -73,8 +90,34 @@ def decode_sample(raw: dict, transform: ImageTransform, seed: int, epoch: int, n
             image = to_rgb(opened)  # forces the full decode: truncated data fails here
     except (OSError, ValueError, Image.DecompressionBombError) as exn:
         raise CorruptSample(f"sample {key!r} in {raw.get('__url__')}: the image cannot be decoded: {exn}") from exn
+    labels = _semantic_map(raw, key, image.size) if semantic_map else None
     rng = random.Random(f"{seed}/{epoch}/{key}")  # str seeds hash with SHA-512: the same in every process
-    return {"image": transform(image, rng), "caption": caption, "class_label": class_label, "key": key}
+    pixels, labels = transform.with_map(image, labels, rng)
+    row = {"image": pixels, "caption": caption, "class_label": class_label, "key": key}
+    if labels is not None:
+        row["semantic_map"] = labels
+    row.update(degrade(pixels, degradations or {}, seed, epoch, key))
+    return row
+
+
+SEMANTIC_MAP_EXTENSION = "seg.png"
+
+
+def _semantic_map(raw: dict, key: str, size: tuple[int, int]) -> Image.Image:
+    """The sample's label map (8-bit grey, one class index per pixel, the image's size)."""
+    if SEMANTIC_MAP_EXTENSION not in raw:
+        raise CorruptSample(f"sample {key!r} has no semantic map ({key}.{SEMANTIC_MAP_EXTENSION}) but the data "
+                            "config asks for one (semantic_map: true)")
+    try:
+        with Image.open(io.BytesIO(raw[SEMANTIC_MAP_EXTENSION])) as opened:
+            if opened.mode not in ("L", "P"):
+                raise ValueError(f"mode {opened.mode}, expected 8-bit grey class indices (L)")
+            labels = opened.convert("L") if opened.mode == "L" else Image.fromarray(np.asarray(opened))
+    except (OSError, ValueError) as exn:
+        raise CorruptSample(f"sample {key!r}: semantic map cannot be decoded: {exn}") from exn
+    if labels.size != size:
+        raise CorruptSample(f"sample {key!r}: semantic map is {labels.size}, its image {size}")
+    return labels
 
 
 def decode_caption(raw: dict) -> str:
@@ -111,6 +154,19 @@ def decode_class_label(raw: dict, num_classes: int | None) -> int:
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1]."""
     return pixels.float().div_(127.5).sub_(1.0)
+
+
+def to_model_ranges(batch: dict) -> dict:
+    """uint8 fields as the model takes them, in the main process (workers ship uint8): ``image`` and
+    ``lowres`` to [-1, 1], ``mask`` to float {0, 1}, ``semantic_map`` to int64 class indices."""
+    for name in ("image", "lowres"):
+        if name in batch:
+            batch[name] = to_unit_range(batch[name])
+    if "mask" in batch:
+        batch["mask"] = batch["mask"].float()
+    if "semantic_map" in batch:
+        batch["semantic_map"] = batch["semantic_map"].long()
+    return batch
 
 
 def collate(rows: list[dict], num_skipped: int) -> dict:

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldm.data.degradations import build_degradations
 from ldm.data.shapes import shapes_urls, write_shapes
 from ldm.data.sharding import (
     ShardPlan,
@@ -43,7 +44,7 @@ from ldm.data.transforms import (
     ImageTransform,
     collate,
     decode_sample,
-    to_unit_range,
+    to_model_ranges,
 )
 from ldm.data.workers import PREEMPTION_SIGNALS, init_worker, signals_blocked
 from ldm.utils.ranks import distributed_rank_and_world_size
@@ -186,8 +187,7 @@ class EpochLoader(DataLoader):
             batches = super().__iter__()  # starts the workers, which inherit the blocked signals
         for batch in batches:
             worker, num_read = (batch.pop(key) for key in BATCH_ORIGIN)
-            if "image" in batch:
-                batch["image"] = to_unit_range(batch["image"])  # in this process: workers ship uint8
+            to_model_ranges(batch)  # in this process: workers ship uint8
             self._on_batch(batch, worker, num_read)
             yield batch
         self._on_end()
@@ -210,10 +210,14 @@ class WebDataModule(pl.LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         num_classes: int | None = None,
+        degradations: dict | None = None,
+        semantic_map: bool = False,
     ) -> None:
         """``num_classes``: the class-conditional model's class count (configs interpolate it from
         ``model.conditioner.num_classes``); samples whose ``.cls`` is missing or outside [0, num_classes) are
-        then skipped as corrupt. None: classes are not checked against a range."""
+        then skipped as corrupt. None: classes are not checked against a range. `degradations`: conditions
+        computed from each crop (`lowres`, `mask`: ldm/data/degradations.py); `semantic_map`: also read each
+        sample's `{key}.seg.png` label map (shapes writes one)."""
         super().__init__()
         if batch_size < 1 or num_workers < 0 or (samples_per_epoch is not None and samples_per_epoch < 1):
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, samples_per_epoch >= 1 or None; got "
@@ -226,6 +230,8 @@ class WebDataModule(pl.LightningDataModule):
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"data.num_classes must be >= 1 or null, got {num_classes}")
         self.num_classes = num_classes
+        self.degradations = build_degradations(degradations, resolution)  # checked here: fail before training
+        self.semantic_map = semantic_map
         self.num_skipped = 0  # corrupt samples dropped from the batches this process has yielded
         self._pass: TrainPass | None = None  # the training pass under way (None: none yet)
         self._epoch = 0  # the data epoch of the next pass when no Trainer drives this module
@@ -290,7 +296,8 @@ class WebDataModule(pl.LightningDataModule):
     def sample_decoder(self, train: bool) -> Callable[..., dict]:
         """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
         transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
-        return functools.partial(decode_sample, transform=transform, seed=self.seed, num_classes=self.num_classes)
+        return functools.partial(decode_sample, transform=transform, seed=self.seed, num_classes=self.num_classes,
+                                 degradations=self.degradations, semantic_map=self.semantic_map)
 
     def _start_train_pass(self, stream: ShardStream) -> None:
         """Which data epoch this pass reads, from which batch: a checkpoint's position; else, under a Trainer,

@@ -1,16 +1,17 @@
 """Conditions -> images with a latent diffusion model (LDM paper, Sec. 3.3 and Fig. 3): encode the conditions,
 run the reverse process in latent space with classifier-free guidance, decode.
 
-The pipeline holds no weights and knows no LightningModule: `LatentDiffusion.generate` hands it the UNet
-(as a function), the conditioner, the schedule and the first stage's encode / decode. The conditioner is
-duck-typed (ldm.models.conditioners' interface): `batch_key` (None for unconditional models) and
-`conditioner(inputs, drop_mask=None) -> dict` of UNet keyword arguments, where rows with drop_mask get the
-null condition, which is also the unconditional half of guidance.
+The pipeline holds no weights and knows no LightningModule: `LatentDiffusion.generate` hands it the denoiser
+(its `forward`, which stacks a `concat` condition on z_t), its `conditioning`, the schedule and the first
+stage's encode / decode. Conditions arrive as a batch dict ({"caption": [...], "class_label": ..., "lowres": ...,
+"image": ..., "mask": ..., "semantic_map": ...}); `conditioning(batch, drop_mask, latent_size) -> dict` gives the
+UNet inputs at the latent size, rows with drop_mask getting the null condition of exactly the parts guidance
+drops (`droppable` False: nothing to drop, so no unconditional branch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -19,22 +20,22 @@ from ldm.diffusion.samplers import ModelFn, make_generators, randn_per_sample, s
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.settings import SamplerSettings
 
-Conditions = Sequence[str] | Sequence[int] | Tensor | None
+Batch = Mapping[str, Any]
 
 
-class Conditioner(Protocol):
-    batch_key: str | None
-
-    def __call__(self, inputs: Conditions, drop_mask: Tensor | None = None) -> dict[str, Tensor]: ...
+class Conditioning(Protocol):
+    def __call__(self, batch: Batch, drop_mask: Tensor | None, latent_size: Sequence[int]) -> dict[str, Tensor]: ...
 
 
 @dataclass(frozen=True)
 class LatentPipeline:
-    """`denoiser(z_t, t, cond)` is the UNet; `encode(images, generators)` gives scaled latents (one posterior
-    draw per sample from its own generator); `decode(latents)` gives images in about [-1, 1]."""
+    """`denoiser(z_t, t, cond)` is the UNet (concat conditions included); `encode(images, generators)` gives
+    scaled latents (one posterior draw per sample from its own generator); `decode(latents)` gives images in
+    about [-1, 1]."""
 
     denoiser: ModelFn
-    conditioner: Conditioner
+    conditioning: Conditioning
+    droppable: bool
     schedule: NoiseSchedule
     encode: Callable[[Tensor, list[torch.Generator] | None], Tensor]
     decode: Callable[[Tensor], Tensor]
@@ -43,20 +44,20 @@ class LatentPipeline:
     prediction_type: str
     device: torch.device
 
-    def conditions(self, conditions: Conditions, n: int, cfg_scale: float) -> tuple[dict[str, Tensor], dict | None]:
+    def conditions(self, batch: Batch, n: int, latent_size: tuple[int, int],
+                   cfg_scale: float) -> tuple[dict[str, Tensor], dict | None]:
         """The conditional UNet inputs and, when guidance needs them, the unconditional ones (the null
-        condition: the same conditioner with every row dropped)."""
-        if isinstance(conditions, Tensor):
-            conditions = conditions.to(self.device)
-        cond = self.conditioner(conditions, drop_mask=None)
-        if cfg_scale == 1.0 or self.conditioner.batch_key is None:
+        condition: the same conditioning with every row dropped, i.e. the droppable parts only)."""
+        cond = self.conditioning(batch, None, latent_size)
+        if cfg_scale == 1.0 or not self.droppable:
             return cond, None
-        return cond, self.conditioner(conditions, drop_mask=torch.ones(n, dtype=torch.bool, device=self.device))
+        drop = torch.ones(n, dtype=torch.bool, device=self.device)
+        return cond, self.conditioning(batch, drop, latent_size)
 
     @torch.no_grad()
     def __call__(
         self,
-        conditions: Conditions,
+        conditions: Batch,
         num_samples: int | None,
         settings: SamplerSettings,
         *,
@@ -66,17 +67,20 @@ class LatentPipeline:
         strength: float = 1.0,
         progress: bool = False,
     ) -> Tensor:
-        """Images in [-1, 1], one per condition (or `num_samples` for unconditional models). Sample i draws
-        every random number (img2img posterior draw, initial noise, sampler noise) from a CPU generator
-        seeded `settings.seed + seed_offset + i`, so it does not depend on the batch or the device."""
-        n = len(conditions) if conditions is not None else num_samples
+        """Images in [-1, 1], one per row of the `conditions` batch (or `num_samples` for unconditional
+        models). Sample i draws every random number (img2img posterior draw, initial noise, sampler noise)
+        from a CPU generator seeded `settings.seed + seed_offset + i`, so it does not depend on the batch or
+        the device."""
+        batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
+                 for key, value in conditions.items()}
+        n = batch_length(batch) or num_samples
         if n is None:
             raise ValueError("generate() needs `conditions` (prompts or class labels) or `num_samples`.")
         if image_size % self.downsampling_factor:
             raise ValueError(f"image_size={image_size} must be a multiple of the first stage's factor "
                              f"f={self.downsampling_factor}.")
         size = image_size // self.downsampling_factor
-        cond, uncond = self.conditions(conditions, n, settings.cfg_scale)
+        cond, uncond = self.conditions(batch, n, (size, size), settings.cfg_scale)
         generators = make_generators(settings.seed + seed_offset, n)
         init_latent = None
         if init_images is not None:
@@ -94,3 +98,10 @@ def posterior_sample(mean: Tensor, std: Tensor, generators: list[torch.Generator
     """mean + std * eps with row i of eps from generators[i] (the global RNG without generators)."""
     return mean + std * randn_per_sample(mean.shape, generators, mean.device, mean.dtype)
 
+
+def batch_length(batch: Batch) -> int | None:
+    """Rows of a conditions batch (None when it holds no condition)."""
+    for value in batch.values():
+        if value is not None:
+            return len(value)
+    return None

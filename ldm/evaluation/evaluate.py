@@ -43,6 +43,7 @@ from ldm.metrics import (
 )
 from ldm.metrics.kid import kernel_inception_distance
 from ldm.metrics.shapes_classifier import HEADS
+from ldm.models.concat_conditioners import concat_parts
 from ldm.utils.devices import autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,10 @@ def evaluate_checkpoint(
     check_sample_count(num_samples, options)
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
+    if concat_parts(model.conditioner):
+        task = concat_parts(model.conditioner)[0].task
+        raise ValueError(f"ckpt={ckpt!r} is an image-conditioned model (task={task}): evaluate it with "
+                         f"`python evaluate.py task={task} ckpt=...`.")
     conditions = evaluation_conditions(model, num_samples, reference.captions)
     extractor, statistics = features_and_reference(reference, model.hparams.image_size, options)
     samples_dir = os.path.join(out, "samples")

@@ -23,7 +23,8 @@ from ldm.metrics import images_to_uint8, resize_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Data-loader settings change how fast images arrive, never which: they stay out of the cache identity.
-LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
+               "degradations", "semantic_map")  # the last two add condition fields; the images stay the same
 
 
 def reference_images(data: Any = None, real_dir: str | None = None) -> ImageSource:

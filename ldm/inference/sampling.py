@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ldm.diffusion.settings import SamplerSettings
 from ldm.loading.checkpoints import load_latent_diffusion
+from ldm.models.concat_conditioners import require_no_concat
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.devices import autocast_dtype, resolve_device
 from ldm.utils.images import images_to_uint8, save_image_grid
@@ -142,6 +143,7 @@ def sample_checkpoint(
     settings = SamplerSettings.of(sampling)
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(device))
+    require_no_concat(model.conditioner)  # image-conditioned models: ldm/inference/tasks.py (sample.py task=...)
     conditions = conditions_for(model, [*prompts, *read_prompts(None, prompts_file)], class_labels, n)
     return generate_to_dir(model, conditions, out, settings, batch_size=batch_size, ckpt=ckpt, per_row=n,
                            autocast_dtype=dtype)

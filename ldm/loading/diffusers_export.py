@@ -42,6 +42,7 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True, sampling: Sample
     the one of `sampling` (SamplerSettings; None: its defaults, DDIM with SD's "leading" grid)."""
     settings = SamplerSettings.of(sampling)
     unet_cfg, vae_cfg = dict(model.hparams["unet"]), dict(model.hparams["first_stage"])
+    unet_cfg.update(in_channels=model.unet.in_channels, out_channels=model.unet.out_channels)  # derived, maybe null
     _check_exportable(unet_cfg, vae_cfg)
     diffusers_version = _diffusers_version()  # before anything is written: needs the diffusers package
     weights = model_weights(model, use_ema)

@@ -74,5 +74,10 @@ def exported_config(model, has_conditioner_weights: bool) -> dict[str, Any]:
 
 
 def without_weight_sources(conditioner: dict[str, Any]) -> dict[str, Any]:
-    """A conditioner config that builds weight-less, for when its weights come with the model's."""
-    return {k: (None if k in WEIGHT_SOURCES else v) for k, v in conditioner.items()}
+    """A conditioner config that builds weight-less, for when its weights come with the model's (a Composite's
+    parts too)."""
+    cleared = {k: (None if k in WEIGHT_SOURCES else v) for k, v in conditioner.items()}
+    if isinstance(cleared.get("parts"), dict):
+        cleared["parts"] = {name: without_weight_sources(part) if isinstance(part, dict) else part
+                            for name, part in cleared["parts"].items()}
+    return cleared

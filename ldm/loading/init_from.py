@@ -5,12 +5,18 @@ Accepts a CompVis / SD checkpoint (`model.diffusion_model.*`, ...), an ldm train
 The UNet must load completely; the first stage and the conditioner load when the file has them
 (a first stage must come from somewhere: the file or `model.first_stage_ckpt`). Afterwards the
 EMA restarts from the loaded weights, so fine-tuning averages from where it starts.
+
+A model with concatenated conditions (inpainting, super-resolution ...) starts from a text-to-image file as
+SD-inpainting did: the file's first UNet convolution fills the latent input channels and the extra condition
+channels start at zero, so the initial model is the text-to-image one; a plain text encoder in the file loads
+into the Composite conditioner's text part.
 """
 from __future__ import annotations
 
 import logging
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
 from ldm.loading.compvis import (
@@ -26,6 +32,7 @@ from ldm.loading.state_dicts import (
     describe_mismatch,
     strip_prefix,
 )
+from ldm.models.concat_conditioners import Composite
 from ldm.models.ema import EMA
 from ldm.utils.files import load_checkpoint
 
@@ -33,16 +40,19 @@ log = logging.getLogger(__name__)
 
 OUR_EMA_PREFIX = "ema."
 OPTIONAL_PARTS = ("first_stage", "conditioner")
+FIRST_CONV = "unet.input_blocks.0.0.weight"
 
 
 def load_weights_into(model, path: str, use_ema: bool = False) -> None:
     """Copy the weights of `path` into `model` (a LatentDiffusion), exactly or not at all.
     `use_ema`: take the file's EMA UNet (`model_ema.*` / `ema.*`) instead of its raw UNet."""
-    load_state_into(model, state_dict_of(load_checkpoint(path)), path, use_ema=use_ema)
+    load_state_into(model, state_dict_of(load_checkpoint(path)), path, use_ema=use_ema, adapt=True)
 
 
-def load_state_into(model, state_dict: Mapping[str, Tensor], source: str, use_ema: bool = False, hint: str = "") -> None:
-    """`load_weights_into` for a state dict already in memory; `hint` ends a mismatch error."""
+def load_state_into(model, state_dict: Mapping[str, Tensor], source: str, use_ema: bool = False, hint: str = "",
+                    adapt: bool = False) -> None:
+    """`load_weights_into` for a state dict already in memory; `hint` ends a mismatch error. `adapt`
+    (init_from): widen the first convolution for concat channels, route a text encoder into a Composite."""
     if any(key.startswith(UNET_PREFIX) for key in state_dict):
         ours = compvis_to_ours(state_dict, [name for name, _ in model.unet.named_parameters()], use_ema, source)
     elif any(key.startswith("unet.") for key in state_dict):
@@ -52,6 +62,8 @@ def load_state_into(model, state_dict: Mapping[str, Tensor], source: str, use_em
             f"{source} has no UNet weights: expected keys model.diffusion_model.* (CompVis / Stable Diffusion) "
             f"or unet.* (an ldm LatentDiffusion checkpoint or export); found e.g. {sorted(state_dict)[:5]}."
         )
+    if adapt:
+        ours = _into_composite(model, _widen_first_conv(model, ours, source), source)
     parts = {"unet"} | {part for part in OPTIONAL_PARTS if any(key.startswith(part + ".") for key in ours)}
     if "first_stage" not in parts and not model.hparams.get("first_stage_ckpt"):
         raise CheckpointMismatchError(
@@ -115,3 +127,36 @@ def _ours_with_ema(
             raise CheckpointMismatchError(f"{source} has no EMA weights (ema.*): load it with use_ema=False.")
         ours.update({name: state_dict[key] for key, name in shadows.items() if key in state_dict})
     return ours
+
+
+def _widen_first_conv(model, ours: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """A file's first UNet convolution with fewer input channels than the model's (a text-to-image UNet for a
+    concat-conditioned one): its weights fill the first channels, the extra ones are zero (SD-inpainting's
+    initialisation), so the new inputs start without effect."""
+    target = model.unet.state_dict()[FIRST_CONV.removeprefix("unet.")]
+    weight = ours.get(FIRST_CONV)
+    if weight is None or weight.shape == target.shape:
+        return ours
+    if weight.ndim != 4 or weight.shape[0] != target.shape[0] or weight.shape[2:] != target.shape[2:] \
+            or weight.shape[1] > target.shape[1]:
+        return ours  # not a widening: the exactness check reports it
+    widened = torch.zeros(target.shape, dtype=weight.dtype)
+    widened[:, : weight.shape[1]] = weight
+    log.info("%s: UNet input widened from %d to %d channels; the %d extra (concat condition) channels start at "
+             "zero.", source, weight.shape[1], target.shape[1], target.shape[1] - weight.shape[1])
+    return {**ours, FIRST_CONV: widened}
+
+
+def _into_composite(model, ours: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """A file's plain conditioner weights (`conditioner.*`) into the one part of a Composite that has weights
+    (`conditioner.parts.<name>.*`), e.g. a text-to-image model's text encoder into an inpainting model."""
+    conditioner = model.conditioner
+    plain = [key for key in ours if key.startswith("conditioner.") and not key.startswith("conditioner.parts.")]
+    if not isinstance(conditioner, Composite) or not plain:
+        return ours
+    weighted = [name for name, part in conditioner.parts.items() if len(part.state_dict())]
+    if len(weighted) != 1:
+        return ours  # ambiguous or nowhere to go: the exactness check reports the keys
+    prefix = f"conditioner.parts.{weighted[0]}."
+    log.info("%s: its conditioner loads into the Composite's %r part.", source, weighted[0])
+    return {(prefix + key.removeprefix("conditioner.") if key in plain else key): value for key, value in ours.items()}

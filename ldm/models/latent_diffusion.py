@@ -2,13 +2,15 @@
 
 A frozen stage-1 autoencoder maps images to latents z0 = scale_factor * E(x); a UNet learns to predict
 the noise (or v) added to them, conditioned through cross-attention (text), a class embedding (classes),
-or nothing. This module owns training only: nets, schedule and samplers live in their own modules.
+concatenation to z_t (low-res image, masked image + mask, semantic map: ldm/models/concat_conditioners.py), a
+Composite of these, or nothing. The UNet's input / output channels are derived: latent (+ concat) channels.
+This module owns training only: nets, schedule and samplers live in their own modules.
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import hydra
 import pytorch_lightning as pl
@@ -20,6 +22,13 @@ from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.pipeline import LatentPipeline, posterior_sample
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.diffusion.settings import SamplerSettings
+from ldm.models.concat_conditioners import (
+    as_batch,
+    concat_channels_of,
+    condition,
+    is_droppable,
+    unet_inputs,
+)
 from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
@@ -72,10 +81,10 @@ class LatentDiffusion(pl.LightningModule):
             )
         self.first_stage = KLAutoencoder(**first_stage)
         self.first_stage.requires_grad_(False).eval()
-        _check_first_stage(self.first_stage, unet, first_stage_ckpt, first_stage_factor)
+        _check_first_stage(self.first_stage, first_stage_ckpt, first_stage_factor)
 
-        self.unet = UNetModel(**unet)
         self.conditioner = hydra.utils.instantiate(conditioner)
+        self.unet = UNetModel(**derived_unet_channels(unet, self.first_stage, self.conditioner, first_stage_ckpt))
         self.schedule = NoiseSchedule(**(schedule or {}))
         check_prediction_type(self.schedule, prediction_type)
         self.objective = DiffusionObjective(prediction_type, loss_type, min_snr_gamma, noise_offset,
@@ -145,12 +154,22 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.unet(latents, timesteps, **cond)
+        x, kwargs = unet_inputs(latents, cond)  # a `concat` condition is stacked on z_t's channels (Fig. 3)
+        return self.unet(x, timesteps, **kwargs)
 
-    def conditioning(self, batch: dict[str, Any], drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        key = self.conditioner.batch_key
-        inputs = batch[key] if key is not None else None
-        return self.conditioner(inputs, drop_mask=drop)
+    def conditioning(self, batch: Mapping[str, Any], drop: torch.Tensor | None,
+                     latent_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The UNet's keyword arguments for a batch; concat conditions are brought to `latent_size`, a masked
+        image is encoded by this model's frozen first stage (`encode_condition`)."""
+        if latent_size is None:
+            side = self.hparams.image_size // self.first_stage.downsampling_factor
+            latent_size = (side, side)
+        return condition(self.conditioner, batch, drop, latent_size=latent_size, encode=self.encode_condition)
+
+    @torch.no_grad()
+    def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of a condition image (posterior mode: a condition needs no sampling noise)."""
+        return self.first_stage.encode(images).mode() * self.scale_factor
 
     def diffusion_losses(
         self, batch: dict[str, Any], generator: torch.Generator | None = None, p_uncond: float = 0.0
@@ -159,7 +178,7 @@ class LatentDiffusion(pl.LightningModule):
         latents = self.batch_latents(batch, generator) * self.scale_factor
         n = latents.shape[0]
         drop = drop_mask(n, p_uncond, generator=generator, device=self.device) if p_uncond > 0 else None
-        cond = self.conditioning(batch, drop)
+        cond = self.conditioning(batch, drop, latent_size=latents.shape[-2:])
         return self.objective(lambda z, t: self(z, t, cond), self.schedule, latents, generator)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -225,9 +244,10 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---------------------------------------------------------------- sampling
     def pipeline(self) -> LatentPipeline:
-        """Conditions -> images with this model's nets (ldm.diffusion.pipeline)."""
+        """Conditions -> images with this model's nets (ldm.diffusion.pipeline): `forward` as the denoiser (it
+        stacks a `concat` condition on z_t), `conditioning` for the (un)conditional inputs at the latent size."""
         return LatentPipeline(
-            lambda x, t, c: self.unet(x, t, **c), self.conditioner, self.schedule, self.encode, self.decode,
+            self, self.conditioning, is_droppable(self.conditioner), self.schedule, self.encode, self.decode,
             self.first_stage.embed_dim, self.first_stage.downsampling_factor, self.hparams.prediction_type,
             self.device,
         )
@@ -235,7 +255,7 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def generate(
         self,
-        conditions: Sequence[str] | torch.Tensor | None = None,
+        conditions: Sequence[str] | torch.Tensor | Mapping[str, Any] | None = None,
         num_samples: int | None = None,
         settings: SamplerSettings | dict | None = None,
         *,
@@ -246,11 +266,12 @@ class LatentDiffusion(pl.LightningModule):
         progress: bool = False,
         **overrides: Any,
     ) -> torch.Tensor:
-        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), sampled
-        with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
+        """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), or for a
+        batch of conditions ({"caption": [...], "lowres": ..., "image": ..., "mask": ..., "semantic_map": ...}),
+        sampled with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
         Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
         return self.pipeline()(
-            conditions, num_samples, SamplerSettings.of(settings, **overrides),
+            as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
             image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
             strength=strength, progress=progress,
         )
@@ -274,18 +295,26 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))
 
 
-def _check_first_stage(first_stage: KLAutoencoder, unet: dict, ckpt: str | None, factor: int | None) -> None:
+def _check_first_stage(first_stage: KLAutoencoder, ckpt: str | None, factor: int | None) -> None:
     if factor is not None and first_stage.downsampling_factor != factor:
         raise ValueError(
             f"The stage-1 model {ckpt} has downsampling factor f={first_stage.downsampling_factor}, but this "
             f"experiment expects f={factor}. Pass a stage-1 checkpoint of ae_kl_f{factor}, or use the "
             f"experiment ldm_f{first_stage.downsampling_factor}_* that matches it."
         )
-    if unet["in_channels"] != first_stage.embed_dim:
-        raise ValueError(
-            f"The stage-1 model {ckpt} makes latents with {first_stage.embed_dim} channels (f="
-            f"{first_stage.downsampling_factor}), but model.unet.in_channels={unet['in_channels']}. Pass "
-            f"model.unet.in_channels={first_stage.embed_dim}, or a stage-1 checkpoint with "
-            f"{unet['in_channels']} latent channels."
-        )
 
+
+def derived_unet_channels(unet: dict, first_stage: KLAutoencoder, conditioner: nn.Module, ckpt: str | None) -> dict:
+    """The UNet arguments with `in_channels` = latent + concatenated-condition channels and `out_channels` =
+    latent channels, never typed twice: null (or absent) derives them, a different explicit value is an error."""
+    latent = first_stage.embed_dim
+    concat = concat_channels_of(conditioner, latent)
+    derived = {"in_channels": latent + concat, "out_channels": latent}
+    why = (f"the stage-1 model {ckpt or '(built in)'} makes latents with {latent} channels (f="
+           f"{first_stage.downsampling_factor})" + (f", plus {concat} concatenated condition channels" if concat else ""))
+    for key, value in derived.items():
+        given = unet.get(key)
+        if given is not None and given != value:
+            raise ValueError(f"model.unet.{key}={given}, but {why}: {key} must be {value}. Leave model.unet.{key} "
+                             f"out (null derives it), or pass a stage-1 checkpoint / conditioner that gives {given}.")
+    return {**unet, **derived}

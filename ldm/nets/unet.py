@@ -23,7 +23,8 @@ class UNetModel(nn.Module):
 
     Conditioning: cross-attention on `context` (B, L, context_dim); a vector `y`
     (B, class_embed_dim) projected by `label_emb` and added to the time embedding; channel
-    concatenation is the caller's job (raise `in_channels`). `attention_resolutions` are
+    concatenation is the caller's job (`LatentDiffusion` stacks concat conditions on z_t and derives
+    `in_channels`). `attention_resolutions` are
     downsampling rates (1 = full resolution). Set exactly one of `num_heads` (fixed head count,
     SD 1.x) and `num_head_channels` (fixed head width, SD 2.x). `context_mask` (B, L) bool restricts
     cross-attention to the true tokens (a key-padding mask); `spatial_positional_embedding` adds fixed 2-D
@@ -56,6 +57,7 @@ class UNetModel(nn.Module):
                 f"UNetModel: set exactly one of num_heads (fixed head count, SD 1.x) and num_head_channels "
                 f"(fixed head width, SD 2.x); got num_heads={num_heads}, num_head_channels={num_head_channels}"
             )
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels = model_channels
         self.context_dim = context_dim
         self.class_embed_dim = class_embed_dim

@@ -24,15 +24,18 @@ from ldm.evaluation.image_sources import (
     datamodule_identity,
 )
 from ldm.inference.sampling import as_model_inputs
+from ldm.inference.tasks import condition_images, condition_rows
 from ldm.metrics import images_to_uint8
+from ldm.models.concat_conditioners import concat_parts
 from ldm.utils.images import log_image_grid, save_image_grid
 
 
 class SampleGrid(pl.Callback):
     """Every `every_n_steps` (and at the end), sample a grid with the EMA weights: one row per prompt
     (text models) or class (class models), fixed seeds, so grids are comparable across the run.
-    PNG in `<run dir>/images/samples_step{step}.png` and to the logger. `sampling`: a SamplerSettings or
-    a `sampling` config node (configs/sampling/)."""
+    Image-conditioned models (concat) take their conditions from the first training batch's first 4 rows,
+    a row showing condition | samples. PNG in `<run dir>/images/samples_step{step}.png` and to the logger.
+    `sampling`: a SamplerSettings or a `sampling` config node (configs/sampling/)."""
 
     def __init__(
         self,
@@ -48,8 +51,11 @@ class SampleGrid(pl.Callback):
         self.classes = list(classes)
         self.samples_per_condition = samples_per_condition
         self._last_logged_step = -1
+        self._fixed_conditions: dict[str, Any] | None = None  # concat models: conditions from a training batch
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._fixed_conditions is None and concat_parts(pl_module.conditioner):
+            self._fixed_conditions = condition_rows(pl_module, batch, rows=4, repeat=self.samples_per_condition)
         if trainer.global_step % self.every_n_steps == 0:
             self.log_samples(trainer, pl_module)
 
@@ -73,6 +79,10 @@ class SampleGrid(pl.Callback):
             return None
         self._last_logged_step = step
         conditions, per_row = self.conditions(pl_module)
+        if self._fixed_conditions is not None:
+            conditions = self._fixed_conditions
+        elif concat_parts(pl_module.conditioner):
+            return None  # no training batch seen yet (the end of a run that never trained)
         num_samples = None if conditions is not None else per_row * 4
         was_training = pl_module.training
         pl_module.eval()
@@ -83,6 +93,10 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return None
         path = os.path.join(trainer.default_root_dir, "images", f"samples_step{step:07d}.png")
+        if isinstance(conditions, dict):  # condition | its samples, per row
+            shown = condition_images(pl_module, conditions, images.shape[-1])[::per_row]
+            rows = [torch.cat([shown[i:i + 1], images[i * per_row:(i + 1) * per_row].cpu()]) for i in range(len(shown))]
+            images, per_row = torch.cat(rows), per_row + 1
         save_image_grid(images, path, nrow=per_row)
         caption = "; ".join(self.prompts) if isinstance(conditions, list) else None
         log_image_grid(trainer, "samples", path, step=step, caption=caption)

@@ -48,6 +48,8 @@ def ensure_first_stage(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> s
 
 # Data keys that are a training stage's own hyperparameters rather than a property of the data set.
 STAGE_DATA_KEYS = ("batch_size", "val_batch_size")
+# Data keys that add stage-2 conditions (ldm/data/degradations.py, semantic maps): not read by stage 1.
+CONDITION_DATA_KEYS = ("degradations", "semantic_map", "num_classes")  # stage-2 conditions: stage 1 reads images only
 
 
 def first_stage_config(cfg: DictConfig) -> DictConfig:
@@ -77,8 +79,9 @@ def first_stage_config(cfg: DictConfig) -> DictConfig:
     own_data = {key: stage1.data[key] for key in {*STAGE_DATA_KEYS, *explicit} if key in stage1.data}
     with open_dict(stage1):
         stage1.data = OmegaConf.merge(cfg.data, own_data)
-        if "num_classes" in stage1.data:  # the class conditioner's, for stage 2: stage 1 reads no labels
-            del stage1.data["num_classes"]
+        for key in CONDITION_DATA_KEYS:  # stage 1 reads images only: one autoencoder (one cache entry) per task
+            if key in stage1.data and key not in explicit:
+                del stage1.data[key]  # removed, not switched off: the config (and its hash) is that of before
         stage1.paths = cfg.paths  # a copy; the output_dir is a placeholder until the hash names the directory
         stage1.paths.output_dir = "<first-stage run dir>"
         for key in ("accelerator", "devices", "num_nodes", "precision", "strategy", "use_distributed_sampler"):

@@ -1,0 +1,130 @@
+"""The paper's image-conditioned tasks on `shapes` at CPU budgets: train each, then print its metric next to its
+baseline (ldm/evaluation/tasks.py), with the minutes spent training.
+
+    python benchmarks/tasks_report.py                                     # size=small, 15 min per task (the real run)
+    python benchmarks/tasks_report.py --minutes 0.3 --ae-minutes 0.2 --num-samples 8 --sample-steps 2   # smoke run
+
+Per task: `train.py experiment=<task> size=small` with `trainer.max_time` = the budget (the stage-1 autoencoders,
+trained first with their own budget, are shared by the f=4 tasks), then `evaluate.py task=...` on the val split
+(shapes-CNN FID, the classifier trained once and cached). Rows: SR PSNR / SSIM / FID vs bicubic; inpainting PSNR
+outside the mask vs the autoencoder's reconstruction and inside vs a median fill, caption fidelity of the
+completions; semantic synthesis colour agreement with the map vs chance (shuffled maps) and the real images.
+Writes `<out>/report.json` and `<out>/report.md`; each run keeps its directory under `<out>/runs/<task>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from ldm.evaluation.tasks import evaluate_task
+from ldm.training.pipeline import train
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = {"sr": ("ldm_sr_f4", "sr"), "inpaint_f4": ("ldm_inpaint_f4", "inpaint"),
+         "inpaint_f8": ("ldm_inpaint_f8", "inpaint"), "semantic": ("ldm_semantic_f4", "semantic")}
+ROWS = {  # task kind -> (metric, baseline, what the baseline is)
+    "sr": [("psnr_sample", "psnr_bicubic", "bicubic"), ("ssim_sample", "ssim_bicubic", "bicubic"),
+           ("fid_sample", "fid_bicubic", "bicubic")],
+    "inpaint": [("psnr_outside_sample", "psnr_outside_reconstruction", "autoencoder reconstruction"),
+                ("psnr_inside_sample", "psnr_inside_median_fill", "median fill"),
+                ("prompt_fidelity_color", None, "chance 1/7"), ("prompt_fidelity_shape", None, "chance 1/3")],
+    "semantic": [("object_agreement_sample", "object_agreement_chance", "chance (shuffled maps)"),
+                 ("object_agreement_real", None, "the judge on real images"),
+                 ("agreement_sample", "agreement_chance", "chance (shuffled maps; background ~95 %)")],
+}
+
+
+def minutes_string(minutes: float) -> str:
+    """Lightning's max_time "DD:HH:MM:SS"."""
+    seconds = max(1, round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_task(experiment: str, args: argparse.Namespace, out: Path) -> tuple[str, float, bool]:
+    overrides = [
+        f"experiment={experiment}", f"size={args.size}", "~callbacks.sample_grid", "logger=csv",
+        f"paths.output_dir={out / 'runs' / experiment}", f"paths.log_dir={out / 'outputs'}",
+        f"paths.cache_dir={args.cache}", f"paths.data_dir={args.data}", f"data.num_workers={args.workers}",
+        "trainer.max_steps=1000000", f"+trainer.max_time={minutes_string(args.minutes)}",
+        "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0",
+        (f"first_stage.overrides=['trainer.max_steps=1000000','+trainer.max_time={minutes_string(args.ae_minutes)}',"
+         "'trainer.val_check_interval=1000000','trainer.limit_val_batches=0']"),
+        *args.overrides,
+    ]
+    stage_one_dir = Path(args.cache) / "first_stage"
+    before = set(os.listdir(stage_one_dir)) if stage_one_dir.is_dir() else set()
+    start = time.perf_counter()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        result = train(compose(config_name="train", overrides=overrides))
+    minutes = (time.perf_counter() - start) / 60
+    trained_stage_one = bool(set(os.listdir(stage_one_dir)) - before) if stage_one_dir.is_dir() else False
+    return result.last_ckpt, minutes, trained_stage_one
+
+
+def evaluate(kind: str, ckpt: str, args: argparse.Namespace, out: Path) -> dict:
+    data = {"_target_": "ldm.data.webdataset.ShapesDataModule", "root": f"{args.data}/shapes_64px", "resolution": 64,
+            "batch_size": 32, "num_workers": args.workers}
+    return evaluate_task(kind, str(out), ckpt, data, num_samples=args.num_samples,
+                         sampling={"sampler": "dpmpp_2m", "steps": args.sample_steps, "cfg_scale": args.cfg_scale},
+                         batch_size=32,
+                         features={"name": "shapes_cnn"}, cache_dir=f"{args.cache}/metrics")
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = ["| task | metric | value | baseline | baseline value | training min (wall) |", "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        metrics = result["metrics"]
+        for metric, baseline, label in ROWS[TASKS[name][1]]:
+            value = metrics.get(metric)
+            reference = metrics.get(baseline) if baseline else None
+            spent = f"{result['train_minutes']:.1f}" + (" (incl. stage 1)" if result["trained_stage_one"] else "")
+            lines.append(f"| {name} | {metric} | {_fmt(value)} | {label} | {_fmt(reference)} | {spent} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--minutes", type=float, default=15.0, help="stage-2 training budget per task")
+    parser.add_argument("--ae-minutes", type=float, default=5.0, help="budget of each stage-1 autoencoder")
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "paper"])
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/tasks")
+    parser.add_argument("--cache", default=None, help="stage-1 / metrics cache (default: <out>/cache)")
+    parser.add_argument("--data", default=None, help="data directory (default: <out>/data)")
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every task")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).resolve()
+    args.cache = args.cache or str(out / "cache")
+    args.data = args.data or str(out / "data")
+    results = {}
+    for name in args.tasks.split(","):
+        experiment, kind = TASKS[name]
+        ckpt, minutes, trained_stage_one = train_task(experiment, args, out)
+        metrics = evaluate(kind, ckpt, args, out / "evaluations" / name)
+        results[name] = {"experiment": experiment, "ckpt": ckpt, "train_minutes": minutes,
+                         "trained_stage_one": trained_stage_one, "metrics": metrics}
+        print(markdown({name: results[name]}), flush=True)
+    os.makedirs(out, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
+    (out / "report.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

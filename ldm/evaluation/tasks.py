@@ -1,0 +1,237 @@
+"""`python evaluate.py task=sr|inpaint|semantic ckpt=PATH`: each image-conditioned task measured the way its
+claim is stated, next to its baseline, on the val split of the data config (conditions computed by the loader,
+so every evaluation sees the same low-res images, masks and maps):
+
+- `sr`: PSNR, SSIM and FID of the super-resolved images against the high-res val images, and the same for
+  bicubic upsampling of the low-res input (LDM paper, Tab. 5 reports FID / IS / PSNR / SSIM against it);
+- `inpaint`: PSNR and L1 inside the mask against the original (and for a fill with the known pixels' median
+  colour), PSNR outside the mask, whose ceiling is the autoencoder's own reconstruction PSNR there; FID and (on
+  shapes) caption fidelity of the completed images;
+- `semantic`: on shapes, the per-pixel agreement of the sample's colours with its map (all pixels, object pixels)
+  next to chance (the maps shuffled across samples) and the real val images (the judge's ceiling); caption
+  fidelity of the shapes classifier.
+
+No LPIPS: its VGG weights cannot be downloaded offline. FID uses the `features` extractor (shapes_cnn on shapes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm.diffusion.settings import SamplerSettings
+from ldm.evaluation.evaluate import (
+    EvaluationOptions,
+    build_features,
+    evaluate_images,
+    reference_statistics_for,
+)
+from ldm.evaluation.image_sources import DataSplitImages, data_identity
+from ldm.inference.tasks import check_task, condition_images
+from ldm.loading.checkpoints import load_latent_diffusion
+from ldm.metrics.image_quality import (
+    SHAPES_SEMANTIC_CLASSES,
+    l1,
+    psnr,
+    semantic_colour_agreement,
+    ssim,
+)
+from ldm.models.concat_conditioners import LowResConditioner, concat_parts
+from ldm.utils.devices import autocast_dtype, resolve_device
+from ldm.utils.images import images_to_uint8, save_image_grid
+
+log = logging.getLogger(__name__)
+EVALUATED_TASKS = ("sr", "inpaint", "semantic")
+
+
+def task_data_config(model: Any, task: str, data: Any) -> dict[str, Any]:
+    """The data config with the fields the task needs: the model's SR factor (unless `data.degradations.lowres`
+    is given), default random masks (unless `data.degradations.mask` is), the semantic maps."""
+    config = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
+    degradations = dict(config.get("degradations") or {})
+    if task == "sr" and not degradations.get("lowres"):
+        factor = next(p for p in concat_parts(model.conditioner) if isinstance(p, LowResConditioner)).factor
+        degradations["lowres"] = {"factor": factor}
+    if task == "inpaint" and not degradations.get("mask"):
+        degradations["mask"] = {}
+    if task == "semantic":
+        config["semantic_map"] = True
+    config["degradations"] = degradations or None
+    return config
+
+
+def evaluate_task(
+    task: str, out: str, ckpt: str, data: Any, num_samples: int = 256, features: Mapping[str, Any] | str | None = None,
+    k: int = 3, density_k: int = 5, num_real: int | None = None, cache_dir: str = ".cache/metrics",
+    feature_batch_size: int = 64, sampling: SamplerSettings | Mapping[str, Any] | None = None, batch_size: int = 16,
+    use_ema: bool = True, device: str = "auto", precision: str = "fp32",
+) -> dict[str, Any]:
+    """Sample `num_samples` val conditions of `task` from `ckpt` with `sampling` (a SamplerSettings or a
+    `sampling` config node; None: the defaults); write `out/metrics.json`, `out/metrics.md`,
+    `out/samples/` (PNGs) and `out/grid.png` (condition | sample | reference for the first 8); return metrics."""
+    if task not in EVALUATED_TASKS:
+        raise ValueError(f"evaluate.py task={task!r}: choose one of {', '.join(EVALUATED_TASKS)} (img2img has no "
+                         "reference to compare with; evaluate its samples with fake_dir=).")
+    settings = SamplerSettings.of(sampling)
+    model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(device))
+    check_task(model, task)
+    data_config = task_data_config(model, task, data)
+    datamodule = hydra.utils.instantiate(data_config)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    rows = _val_rows(datamodule, num_samples)
+    samples = _sample_rows(model, rows, settings, batch_size, autocast_dtype(precision))
+    references = images_to_uint8(rows["image"])
+    options = EvaluationOptions(features=dict(features) if isinstance(features, Mapping) else {"name": features or "auto"},
+                                k=k, density_k=density_k, num_real=num_real, cache_dir=cache_dir,
+                                batch_size=feature_batch_size, device=device)
+    source = DataSplitImages(datamodule, data_identity(data_config), prepare=False)
+    extractor = build_features(options.features, reference_is_shapes=source.is_shapes,
+                               image_size=references.shape[-1], cache_dir=cache_dir, device=resolve_device(device))
+    statistics = reference_statistics_for(source, extractor, options)
+
+    def distribution(images: torch.Tensor, captions: list[str] | None = None) -> dict[str, Any]:
+        return evaluate_images(images, statistics, extractor, k=k, density_k=density_k, captions=captions,
+                               batch_size=feature_batch_size)
+
+    captions = rows["caption"] if all(rows["caption"]) and source.is_shapes else None
+    metrics: dict[str, Any] = {"task": task, "num_samples": len(samples)}
+    if task == "sr":
+        bicubic = images_to_uint8(F.interpolate(rows["lowres"], size=references.shape[-2:], mode="bicubic",
+                                                align_corners=False).clamp(-1, 1))
+        for name, images in (("sample", samples), ("bicubic", bicubic)):
+            found = distribution(images)
+            metrics.update({f"psnr_{name}": _mean(psnr(images, references)), f"ssim_{name}": _mean(ssim(images, references)),
+                            f"fid_{name}": found["fid"]})
+        metrics["fid_name"] = found["fid_name"]
+    elif task == "inpaint":
+        mask = rows["mask"]
+        reconstruction = images_to_uint8(_reconstruct(model, rows["image"]))
+        median_fill = _median_fill(references, mask)
+        found = distribution(samples, captions)
+        metrics.update({
+            "psnr_inside_sample": _mean(psnr(samples, references, mask)), "l1_inside_sample": _mean(l1(samples, references, mask)),
+            "psnr_inside_median_fill": _mean(psnr(median_fill, references, mask)),
+            "l1_inside_median_fill": _mean(l1(median_fill, references, mask)),
+            "psnr_outside_sample": _mean(psnr(samples, references, 1 - mask)),
+            "psnr_outside_reconstruction": _mean(psnr(reconstruction, references, 1 - mask)),
+            "mask_fraction": float(mask.mean()), "fid_sample": found["fid"], "fid_name": found["fid_name"],
+            **{key: value for key, value in found.items() if key.startswith("prompt_fidelity")},
+        })
+    else:
+        metrics.update(_semantic_metrics(samples, references, rows["semantic_map"], model))
+        found = distribution(samples, captions)
+        metrics.update({"fid_sample": found["fid"], "fid_name": found["fid_name"],
+                        **{key: value for key, value in found.items() if key.startswith("prompt_fidelity")}})
+    metrics.update(checkpoint=os.path.abspath(ckpt), sampler={**settings.as_dict(), "batch_size": batch_size},
+                   data=data_config, features=found["features"])
+    _write_outputs(out, model, rows, samples, references, metrics)
+    return metrics
+
+
+def _val_rows(datamodule: Any, limit: int) -> dict[str, Any]:
+    """The first `limit` val rows, every field (images, conditions, captions) concatenated."""
+    rows: dict[str, list] = {}
+    count = 0
+    for batch in datamodule.val_dataloader():
+        take = min(len(batch["image"]), limit - count)
+        for key, value in batch.items():
+            if key != "num_skipped":
+                rows.setdefault(key, []).append(value[:take])
+        count += take
+        if count >= limit:
+            break
+    if count == 0:
+        raise ValueError("the data config's val split is empty: evaluation needs val images.")
+    return {key: torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for part in parts for x in part]
+            for key, parts in rows.items()}
+
+
+@torch.no_grad()
+def _sample_rows(model: Any, rows: dict[str, Any], settings: SamplerSettings, batch_size: int,
+                 dtype: torch.dtype | None) -> torch.Tensor:
+    """uint8 samples for every row's conditions; row i seeded with settings.seed + i."""
+    keys = {"caption", "class_label", "lowres", "image", "mask", "semantic_map"} & set(rows)
+    size = rows["image"].shape[-1]
+    outputs = []
+    for start in range(0, len(rows["image"]), batch_size):
+        batch = {key: rows[key][start:start + batch_size] for key in keys}
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+            images = model.generate(batch, settings=settings, seed_offset=start, image_size=size)
+        outputs.append(images_to_uint8(images.cpu()))
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def _reconstruct(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's reconstruction D(E(x)) (posterior mode): the ceiling of anything decoded from latents."""
+    outputs = []
+    for chunk in images.split(16):
+        latents = model.first_stage.encode(chunk.to(model.device)).mode()
+        outputs.append(model.first_stage.decode(latents).clamp(-1, 1).cpu())
+    return torch.cat(outputs)
+
+
+def _median_fill(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The baseline fill: every masked pixel set to the per-channel median of the image's known pixels."""
+    filled = images.clone()
+    for i in range(len(images)):
+        known = mask[i, 0] == 0
+        if known.any():
+            median = images[i][:, known].median(dim=1).values
+            filled[i][:, ~known] = median[:, None]
+    return filled
+
+
+def _semantic_metrics(samples: torch.Tensor, references: torch.Tensor, maps: torch.Tensor, model: Any) -> dict[str, Any]:
+    part = concat_parts(model.conditioner)[0]
+    if part.num_classes != SHAPES_SEMANTIC_CLASSES or not bool((maps < SHAPES_SEMANTIC_CLASSES).all()):
+        log.warning("semantic agreement is judged by the shapes colours; these maps are not shapes maps.")
+        return {"agreement_sample": None}
+    found: dict[str, Any] = {}
+    shuffled = maps.roll(1, dims=0)  # chance: each sample against another sample's map
+    for name, images, against in (("sample", samples, maps), ("chance", samples, shuffled), ("real", references, maps)):
+        scores = semantic_colour_agreement(images, against)
+        found[f"agreement_{name}"] = _mean(scores["agreement"])
+        found[f"object_agreement_{name}"] = _mean(scores["object_agreement"])
+    return found
+
+
+def _mean(values: torch.Tensor) -> float:
+    finite = values[~torch.isnan(values)]
+    return float(finite.clamp(max=100.0).mean()) if len(finite) else math.nan  # identical images: PSNR capped at 100
+
+
+def _write_outputs(out: str, model: Any, rows: dict[str, Any], samples: torch.Tensor, references: torch.Tensor,
+                   metrics: dict[str, Any]) -> None:
+    samples_dir = os.path.join(out, "samples")
+    os.makedirs(samples_dir, exist_ok=True)
+    for index, image in enumerate(samples):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(samples_dir, f"{index:05d}.png"))
+    shown = min(8, len(samples))
+    conditions = condition_images(model, {k: v[:shown] for k, v in rows.items() if isinstance(v, torch.Tensor)},
+                                  samples.shape[-1])
+    triples = torch.stack([conditions, samples[:shown].float() / 127.5 - 1, references[:shown].float() / 127.5 - 1], 1)
+    save_image_grid(triples.flatten(0, 1), os.path.join(out, "grid.png"), nrow=3)
+    metrics["samples_dir"] = samples_dir
+    write_task_report(out, metrics)
+
+
+def write_task_report(out: str, metrics: dict[str, Any]) -> None:
+    """`out/metrics.json` and `out/metrics.md` (one row per number, baselines beside the samples)."""
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=1, default=str)
+    lines = ["| metric | value |", "|---|---|"]
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
+            lines.append(f"| {key} | {'n/a' if value is None else f'{value:.4f}' if isinstance(value, float) else value} |")
+    with open(os.path.join(out, "metrics.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
