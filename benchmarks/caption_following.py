@@ -56,12 +56,18 @@ DEFAULT_VARIANTS = "baseline,zsnr_v,trailing,mask,positional"
 ATTRIBUTES = ("color", "shape", "position", "shuffled")
 
 
+def max_time(minutes: float) -> str:
+    """Lightning's "DD:HH:MM:SS" duration (its Timer stops fit once this much wall-clock time has passed)."""
+    seconds = max(1, round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def compose_variant(name: str, args: argparse.Namespace, run_dir: Path) -> Any:
     """The quickstart config with the variant's overrides, a wall-clock budget instead of a step count, and no
     grids, validation or after-training actions inside the budget (they would cost the variants unequally)."""
     overrides = [
-        "experiment=quickstart", f"size={args.size}", f"seed={args.seed}", "callbacks=default", "after_training={}",
-        "trainer.max_steps=-1", f"+trainer.max_time={{seconds:{int(args.minutes * 60)}}}", "trainer.limit_val_batches=0",
+        "experiment=quickstart", f"size={args.size}", f"seed={args.seed}", "~callbacks.sample_grid", "~after_training",
+        "trainer.max_steps=-1", f"+trainer.max_time={max_time(args.minutes)}", "trainer.limit_val_batches=0",
         f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}", *VARIANTS[name],
     ]
     if args.first_stage_steps or args.size == "tiny":
@@ -108,14 +114,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                ("shape", "fidelity_shape", "{:.3f}"), ("position", "fidelity_position", "{:.3f}"),
                ("all", "fidelity_all", "{:.3f}"), ("FID_shapes_cnn", "fid", "{:.2f}"), ("prec", "precision", "{:.3f}"),
                ("recall", "recall", "{:.3f}")]
-    columns += [(f"gap {a[:5]} mean|q4", a, None) for a in ATTRIBUTES] + [("leak R² (t)", "leak", None)]
+    columns += [(f"gap {a} mean / q4", a, None) for a in ATTRIBUTES] + [("leak R² (t)", "leak", None)]
     lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
         for _, key, fmt in columns:
             if key in ATTRIBUTES:
                 mean, q4 = row.get(f"gap_{key}_mean"), row.get(f"gap_{key}_q4")
-                cells.append("n/a" if mean is None else f"{mean:.4f}|{q4:.4f}")
+                cells.append("n/a" if mean is None else f"{mean:.3g} / {q4:.3g}")
             elif key == "leak":
                 cells.append(f"{row['leak_r2']:.4f} ({row['leak_t']})")
             else:
