@@ -205,8 +205,10 @@ def resume_last(log_dir: Path, data_dir: Path, max_steps: int) -> None:
                                                 f"trainer.max_steps={max_steps}"), env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "runs/first/checkpoints/last.ckpt" in proc.stdout  # Lightning's "Restoring states from ..."
-    final = load_checkpoint(log_dir / "ae_kl_f8" / "runs" / "resumed" / "checkpoints" / "last.ckpt")
+    # the run continues in its own directory ("resumed" is only this launch's Hydra directory)
+    final = load_checkpoint(log_dir / "ae_kl_f8" / "runs" / "first" / "checkpoints" / "last.ckpt")
     assert final["global_step"] == max_steps
+    assert not (log_dir / "ae_kl_f8" / "runs" / "resumed" / "checkpoints").exists()
 
 
 @pytest.mark.slow
