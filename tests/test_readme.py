@@ -71,6 +71,12 @@ def first_of_each_sweep(overrides: list) -> list[str]:
 @pytest.mark.parametrize("command", HYDRA_COMMANDS, ids=[" ".join(c.split()[1:4])[:70] for c in HYDRA_COMMANDS])
 def test_readme_command_parses_and_composes_as_the_shell_passes_it(command):
     script, args = entry_point(command)
+    if args in (["list"], ["--help"]):  # train.py's own listing, not overrides: run it
+        listing = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                                 timeout=300, cwd=REPO)
+        assert listing.returncode == 0, listing.stderr[-2000:]
+        assert all(p.stem in listing.stdout for p in (CONFIGS / "experiment").glob("*.yaml"))
+        return
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     parsed = OverridesParser.create().parse_overrides(overrides)  # what Hydra does first, with shell-split args
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
