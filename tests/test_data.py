@@ -396,7 +396,7 @@ def test_shards_where_no_sample_decodes_stop_with_a_message_instead_of_reading_f
     bad = [(f"bad{i:05d}", {"png": b"not a png", "txt": b"x"}) for i in range(4)]
     write_shard(str(tmp_path / "a.tar"), bad)
     dm = WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=2, num_workers=0)
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="corrupt samples in a row .* no sample decodes"):
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="in a row .* no sample decodes"):
         list(dm.train_dataloader())
 
 

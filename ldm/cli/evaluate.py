@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
             return
         metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
                            **{key: cfg[key] for key in SETTINGS})
-    except (ValueError, FileNotFoundError, WeightsUnavailableError, CorruptCheckpointError, UnsafeCheckpointError) as error:
+    except (ValueError, FileNotFoundError, WeightsUnavailableError, CorruptCheckpointError,
+            UnsafeCheckpointError) as error:
         log.error("%s", error)
         sys.exit(2)
     log.info("%s = %.4f, precision = %.4f, recall = %.4f -> %s/metrics.json",
