@@ -223,7 +223,7 @@ def test_resume_mid_epoch_from_state_yields_exactly_the_remaining_batches(tmp_pa
     first = [next(iterator) for _ in range(consumed)]
     state = straight.state_dict()
     taken = [(consumed + 1) // 2, consumed // 2] if consumed <= 10 else [consumed - 5, 5]  # round-robin
-    assert state == {"epoch": 1, "batches_consumed": consumed, "samples_read": [3 * n for n in taken]}
+    assert state == {"epoch": 1, "batches_consumed": consumed, "samples_read": [[3 * n for n in taken]]}  # [rank]
     remaining = list(iterator)
 
     resumed = shapes_module(str(tmp_path), num_train=35, num_workers=2, batch_size=3)
@@ -232,7 +232,7 @@ def test_resume_mid_epoch_from_state_yields_exactly_the_remaining_batches(tmp_pa
     assert [b["key"] for b in replay] == [b["key"] for b in remaining] and len(first) + len(replay) == 12
     for a, b in zip(replay, remaining):
         torch.testing.assert_close(a["image"], b["image"])
-    assert resumed.state_dict() == {"epoch": 2, "batches_consumed": 0, "samples_read": None}
+    assert resumed.state_dict() == {"epoch": 2, "batches_consumed": 0, "samples_read": [None]}
 
 
 def test_trainer_checkpoint_mid_epoch_resumes_the_same_batches(shapes_root, tmp_path):
@@ -288,13 +288,42 @@ def test_resume_after_a_batch_of_only_corrupt_samples_trains_no_sample_twice(tmp
         first = [next(iterator)["key"] for _ in range(2)]
     assert first == [["00000000", "00000001"], ["00000002"]]
     state = straight.state_dict()
-    assert state["samples_read"] == [5] and straight.num_skipped == 2
+    assert state["samples_read"] == [[5]] and straight.num_skipped == 2
     remaining = [batch["key"] for batch in iterator]
 
     resumed = module()
     resumed.load_state_dict(state)
     replay = [batch["key"] for batch in resumed.train_dataloader()]
     assert replay == remaining and replay[0] == ["00000003", "00000004"]
+
+
+def test_each_rank_resumes_from_its_own_raw_sample_count(tmp_path, monkeypatch):
+    """Ranks meet different corrupt samples, so the checkpoint keeps every rank's raw counts."""
+    good = _shapes_samples(8)
+    bad = [(f"bad{i:05d}", {"png": b"not a png", "txt": b"x"}) for i in range(2)]
+    write_shard(str(tmp_path / "a.tar"), good[:4])  # rank 0
+    write_shard(str(tmp_path / "b.tar"), bad + good[4:])  # rank 1: its first batch reads 2 corrupt + 1 good
+    update_sizes(str(tmp_path), {"a.tar": 4, "b.tar": 6})
+    urls = str(tmp_path / "{a,b}.tar")
+
+    def rank_run(rank: int, state: dict | None = None) -> tuple[list, dict]:
+        simulate_rank(monkeypatch, rank, 2)
+        dm = WebDataModule(urls, resolution=RES, batch_size=2, num_workers=0, shuffle_buffer=1)
+        if state is not None:
+            dm.load_state_dict(state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            iterator = iter(dm.train_dataloader())
+            first = [] if state is not None else [next(iterator)["key"]]
+            after_first = dm._position()
+            return first + [batch["key"] for batch in iterator], after_first
+
+    straight = [rank_run(rank) for rank in (0, 1)]
+    assert [position["samples_read"] for _, position in straight] == [[2], [3]]
+    assert straight[1][0][:2] == [["00000004"], ["00000005", "00000006"]]
+    state = {"epoch": 0, "batches_consumed": 1, "samples_read": [[2], [3]]}  # what a 2-rank checkpoint holds
+    for rank in (0, 1):
+        assert rank_run(rank, state)[0] == straight[rank][0][1:]
 
 
 @pytest.mark.parametrize("cls, reason", [(b"999", "class 999 is not in [0, 21)"), (b"-1", "class -1 is not in"),
@@ -367,7 +396,7 @@ def test_shards_where_no_sample_decodes_stop_with_a_message_instead_of_reading_f
     bad = [(f"bad{i:05d}", {"png": b"not a png", "txt": b"x"}) for i in range(4)]
     write_shard(str(tmp_path / "a.tar"), bad)
     dm = WebDataModule(str(tmp_path / "a.tar"), resolution=RES, batch_size=2, num_workers=0)
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="corrupt samples in a row .* no sample decodes"):
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="in a row .* no sample decodes"):
         list(dm.train_dataloader())
 
 

@@ -135,7 +135,8 @@ def test_a_prompt_longer_than_the_context_is_warned_and_its_truncation_recorded(
     long_prompt = "a red circle at the top left next to a blue square " * 12  # > 77 tokens
     conditions = conditions_for(model, ["a red circle", long_prompt], [], 1)
     with caplog.at_level("WARNING"):
-        records = generate_to_dir(model, conditions, str(tmp_path / "out"), SamplerSettings("ddim", steps=1, cfg_scale=0))
+        settings = SamplerSettings("ddim", steps=1, cfg_scale=0)  # 0: unconditional, accepted
+        records = generate_to_dir(model, conditions, str(tmp_path / "out"), settings)
     assert "longer than the text encoder's context of 77 tokens" in caplog.text
     saved = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert "prompt_truncated_to" not in saved[0] and saved[0] == records[0]

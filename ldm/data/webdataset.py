@@ -250,9 +250,24 @@ class WebDataModule(pl.LightningDataModule):
         """Epoch of the next training pass when no Trainer drives this module."""
         self._epoch, self._pass, self._resume = epoch, None, None
 
-    def state_dict(self) -> dict[str, int | list[int] | None]:
-        """The data position: epoch, training batches consumed in it and the raw samples each worker read for
-        them. Enough to resume exactly from any checkpoint: mid-epoch, at a preemption, after ``fit`` ended."""
+    def state_dict(self) -> dict[str, int | list | None]:
+        """The data position: epoch, training batches consumed in it and, per rank, the raw samples each worker
+        read for them (``samples_read[rank][worker]``; ranks meet different corrupt samples). Enough to resume
+        exactly from any checkpoint: mid-epoch, at a preemption, after ``fit`` ended. Under DDP a collective,
+        as Lightning builds checkpoints on every rank."""
+        position = self._position()
+        position["samples_read"] = _per_rank(position["samples_read"])
+        return position
+
+    def load_state_dict(self, state_dict: dict[str, int | list | None]) -> None:
+        rank, world_size = distributed_rank_and_world_size()
+        per_rank = state_dict.get("samples_read")  # absent in checkpoints written before it was recorded
+        reads = per_rank[rank] if per_rank is not None and len(per_rank) == world_size else None
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": int(state_dict["batches_consumed"]),
+                        "samples_read": None if reads is None else [int(n) for n in reads]}
+
+    def _position(self) -> dict[str, int | list[int] | None]:
+        """This rank's data position (``samples_read``: per worker of this rank)."""
         if self._resume is not None:  # loaded and not started yet: still where the checkpoint left off
             return dict(self._resume)
         if self._pass is None:
@@ -262,11 +277,6 @@ class WebDataModule(pl.LightningDataModule):
             return self._pass.position(self._pass.yielded)
         # the batches whose training step ran (the loader may have fetched further)
         return self._pass.position(self._pass.start + self._trainer_processed(trainer) - self._pass.trainer_base)
-
-    def load_state_dict(self, state_dict: dict[str, int | list[int] | None]) -> None:
-        reads = state_dict.get("samples_read")  # absent in checkpoints written before it was recorded
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches_consumed": int(state_dict["batches_consumed"]),
-                        "samples_read": None if reads is None else [int(n) for n in reads]}
 
     def _loader(self, urls: str, batch_size: int, train: bool, length: tuple[int | None, bool]) -> EpochLoader:
         shard_urls = expand_urls(urls)
@@ -355,6 +365,15 @@ class ShapesDataModule(WebDataModule):
 
     def prepare_data(self) -> None:
         write_shapes(**self.shapes_args)
+
+
+def _per_rank(value: list[int] | None) -> list[list[int] | None]:
+    """``value`` of every rank, in rank order (all-gathered under DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+    return [value]
 
 
 def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
