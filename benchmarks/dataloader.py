@@ -30,7 +30,7 @@ import webdataset as wds
 
 from ldm.data.shapes import write_shapes
 from ldm.data.shards import expand_urls, iter_raw_samples
-from ldm.data.transforms import ImageTransform, collate, to_unit_range
+from ldm.data.transforms import ImageTransform, collate, uint8_to_signed
 from ldm.data.webdataset import WebDataModule
 
 BATCH_SIZE = 32
@@ -49,7 +49,7 @@ def webdataset_stock(urls: str, resolution: int) -> Callable[[], int]:
 
     def to_row(sample: dict) -> dict:
         rng = random.Random(sample["__key__"])
-        return {"image": to_unit_range(transform(sample["png"], rng)), "caption": sample["txt"],
+        return {"image": uint8_to_signed(transform(sample["png"], rng)), "caption": sample["txt"],
                 "class_label": int(sample["cls"]), "key": sample["__key__"]}
 
     def run() -> int:

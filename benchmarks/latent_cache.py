@@ -36,6 +36,7 @@ from ldm.data.shapes import write_shapes  # noqa: E402
 from ldm.data.webdataset import WebDataModule  # noqa: E402
 from ldm.inference.latent_cache import encode_latents  # noqa: E402
 from ldm.loading.checkpoints import build_latent_diffusion  # noqa: E402
+from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.nets.vae import KLAutoencoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,7 +54,7 @@ UNET = dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 2
 TEXT = {"_target_": "ldm.models.conditioners.TextTransformer", "width": 128, "layers": 2, "heads": 4}
 
 
-def train_steps(model: "LatentDiffusion", loader: torch.utils.data.DataLoader, steps: int) -> Callable[[], int]:
+def train_steps(model: LatentDiffusion, loader: torch.utils.data.DataLoader, steps: int) -> Callable[[], int]:
     """A callable running `steps` full training steps (data included); returns the samples trained on."""
     optimizer = torch.optim.AdamW(model.trainable.parameters(), lr=1e-4)
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 import ldm.data.webdataset as webdataset_module
 from ldm.data.latent_cache import LatentDataModule, weights_sha256
 from ldm.data.shards import expand_urls, iter_raw_samples
-from ldm.data.transforms import ImageTransform, decode_sample, to_unit_range
+from ldm.data.transforms import ImageTransform, decode_sample, uint8_to_signed
 from ldm.data.webdataset import ShapesDataModule
 from ldm.inference.latent_cache import META_FILE, encode_latents
 from ldm.nets.vae import KLAutoencoder
@@ -66,7 +66,7 @@ def test_cache_holds_the_posterior_and_decodes_like_the_encoder(cache):
 
     transform = ImageTransform(RES, random_crop=False, random_flip=False)
     raw = list(iter_raw_samples(expand_urls(cache["data"].val_urls), on_error=print))[:4]
-    images = to_unit_range(torch.stack([decode_sample(r, transform, 0, 0)["image"] for r in raw]))
+    images = uint8_to_signed(torch.stack([decode_sample(r, transform, 0, 0)["image"] for r in raw]))
     assert [r["__key__"] for r in raw] == batch["key"]
     with torch.no_grad():
         posterior = vae.encode(images)

@@ -36,7 +36,7 @@ class ImageTransform:
         self.random_flip = random_flip
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        """(3, R, R) uint8: a quarter of float32's bytes to ship from the workers (``to_unit_range`` follows)."""
+        """(3, R, R) uint8: a quarter of float32's bytes to ship from the workers (``uint8_to_signed`` follows)."""
         return self.with_map(image, None, rng)[0]
 
     def with_map(self, image: Image.Image, labels: Image.Image | None,
@@ -151,7 +151,7 @@ def decode_class_label(raw: dict, num_classes: int | None) -> int:
     return label
 
 
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+def uint8_to_signed(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1]."""
     return pixels.float().div_(127.5).sub_(1.0)
 
@@ -161,7 +161,7 @@ def to_model_ranges(batch: dict) -> dict:
     ``lowres`` to [-1, 1], ``mask`` to float {0, 1}, ``semantic_map`` to int64 class indices."""
     for name in ("image", "lowres"):
         if name in batch:
-            batch[name] = to_unit_range(batch[name])
+            batch[name] = uint8_to_signed(batch[name])
     if "mask" in batch:
         batch["mask"] = batch["mask"].float()
     if "semantic_map" in batch:

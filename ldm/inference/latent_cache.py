@@ -21,7 +21,7 @@ from ldm.data.transforms import (
     CorruptSample,
     ImageTransform,
     decode_sample,
-    to_unit_range,
+    uint8_to_signed,
 )
 from ldm.data.webdataset import WebDataModule
 from ldm.loading.checkpoints import load_first_stage
@@ -95,7 +95,7 @@ def _encoded_samples(url: str, vae: KLAutoencoder, transform: ImageTransform, ba
 
 def _encode_rows(rows: list[dict], vae: KLAutoencoder) -> Iterator[tuple[str, dict[str, bytes]]]:
     device = next(vae.parameters()).device
-    images = to_unit_range(torch.stack([row["image"] for row in rows])).to(device)
+    images = uint8_to_signed(torch.stack([row["image"] for row in rows])).to(device)
     posterior = vae.encode(images)
     for row, mean, std in zip(rows, posterior.mean.cpu(), posterior.std.cpu()):
         yield row["key"], {"mean.npy": _npy_bytes(mean), "std.npy": _npy_bytes(std),

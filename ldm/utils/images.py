@@ -18,7 +18,7 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
         raise ValueError(f"expected a (B, C, H, W) batch of images, got shape {tuple(images.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_unit_range(images), path, nrow=nrow, format="png")
+    save_image(signed_to_unit(images), path, nrow=nrow, format="png")
     return path
 
 
@@ -36,7 +36,7 @@ def log_image_grid(
     image = path_or_tensor
     if isinstance(image, Tensor):
         batch = image if image.ndim == 4 else image.unsqueeze(0)
-        image = make_grid(to_unit_range(batch), nrow=8)
+        image = make_grid(signed_to_unit(batch), nrow=8)
     elif not Path(image).is_file():
         raise FileNotFoundError(f"no image to log at {image}")
     else:
@@ -47,7 +47,7 @@ def log_image_grid(
             logger.log_image(key=key, images=[image], step=step, **extra)
 
 
-def to_unit_range(images: Tensor) -> Tensor:
+def signed_to_unit(images: Tensor) -> Tensor:
     """[-1, 1] model space -> [0, 1] display space, on the CPU in float32."""
     return ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
