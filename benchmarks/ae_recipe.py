@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ldm.data.shapes import render_sample
 from ldm.models.autoencoder_loss import AutoencoderLoss
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.utils.images import interleave, save_image_grid
 
 RESULTS = Path(__file__).parent / "results" / "ae_recipe.json"
@@ -44,7 +44,7 @@ def object_mask(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def reconstruction_quality(vae: KLAutoencoder, images: Tensor) -> tuple[float, float, Tensor]:
+def reconstruction_quality(vae: AutoencoderNet, images: Tensor) -> tuple[float, float, Tensor]:
     vae.eval()
     reconstructions = vae.decode(vae.encode(images).mode()).clamp(-1, 1)
     vae.train()
@@ -57,7 +57,7 @@ def reconstruction_quality(vae: KLAutoencoder, images: Tensor) -> tuple[float, f
 def train_recipe(recipe: str, train: Tensor, val: Tensor, steps: int) -> dict:
     pixel_loss, batch_size, lr = recipe.split(":")
     torch.manual_seed(0)
-    vae = KLAutoencoder(**SMALL_F8)
+    vae = AutoencoderNet(**SMALL_F8)
     loss_fn = AutoencoderLoss(disc_start=10**9, pixel_loss=pixel_loss, perceptual_weight=0)
     optimizer = torch.optim.Adam([*vae.parameters(), loss_fn.logvar], lr=float(lr), betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(0)

@@ -37,7 +37,7 @@ from ldm.data.webdataset import WebDataModule  # noqa: E402
 from ldm.inference.latent_cache import encode_latents  # noqa: E402
 from ldm.loading.checkpoints import build_latent_diffusion  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from ldm.nets.vae import KLAutoencoder  # noqa: E402
+from ldm.nets.vae import AutoencoderNet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESOLUTION = 256
@@ -90,7 +90,7 @@ def compare(autoencoder: dict, tmp: str, batch_size: int, steps: int, rounds: in
     urls = write_shapes(os.path.join(tmp, "shapes"), resolution=RESOLUTION, num_train=num_samples, num_val=0,
                         samples_per_shard=num_samples // 2)["train"]
     ae_ckpt = os.path.join(tmp, "ae_kl_f8.ckpt")
-    vae = KLAutoencoder(**autoencoder)
+    vae = AutoencoderNet(**autoencoder)
     torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()},
                 "hyper_parameters": {"vae": autoencoder}}, ae_ckpt)
     images = WebDataModule(urls, resolution=RESOLUTION, batch_size=batch_size, num_workers=0, shuffle_buffer=0)

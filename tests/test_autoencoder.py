@@ -16,7 +16,7 @@ from ldm.models.autoencoder import AutoencoderKL, psnr
 from ldm.models.autoencoder_loss import AutoencoderLoss, hinge_d_loss, vanilla_d_loss
 from ldm.nets.discriminator import NLayerDiscriminator
 from ldm.nets.posterior import DiagonalGaussian
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.utils.images import log_image_grid, save_image_grid
 
 TINY = dict(embed_dim=4, z_channels=4, ch=32, num_res_blocks=1)
@@ -27,7 +27,7 @@ TINY = dict(embed_dim=4, z_channels=4, ch=32, num_res_blocks=1)
 
 @pytest.mark.parametrize("ch_mult, factor", [((1, 2, 2), 4), ((1, 2, 2, 2), 8), ((1, 1, 2, 2, 2), 16)])
 def test_latent_shape_follows_the_downsampling_factor(ch_mult, factor):
-    vae = KLAutoencoder(**TINY, ch_mult=ch_mult)
+    vae = AutoencoderNet(**TINY, ch_mult=ch_mult)
     x = torch.randn(2, 3, 32, 64)
     reconstruction, posterior = vae(x)
     assert vae.downsampling_factor == factor
@@ -36,7 +36,7 @@ def test_latent_shape_follows_the_downsampling_factor(ch_mult, factor):
 
 
 def test_attention_is_placed_by_downsampling_rate():
-    vae = KLAutoencoder(**TINY, ch_mult=(1, 2, 2), attention_resolutions=[1, 4])
+    vae = AutoencoderNet(**TINY, ch_mult=(1, 2, 2), attention_resolutions=[1, 4])
     keys = vae.state_dict().keys()
     assert "encoder.down.0.attn.0.q.weight" in keys and "encoder.down.2.attn.0.q.weight" in keys
     assert not any(key.startswith("encoder.down.1.attn") for key in keys)
@@ -47,11 +47,11 @@ def test_attention_is_placed_by_downsampling_rate():
 
 def test_bad_sizes_raise_clear_errors():
     with pytest.raises(ValueError, match="downsampling rates"):
-        KLAutoencoder(**TINY, ch_mult=(1, 2, 2), attention_resolutions=[32])
+        AutoencoderNet(**TINY, ch_mult=(1, 2, 2), attention_resolutions=[32])
     with pytest.raises(ValueError, match="multiple of norm_groups"):
-        KLAutoencoder(embed_dim=4, z_channels=4, ch=48, ch_mult=(1, 2))
+        AutoencoderNet(embed_dim=4, z_channels=4, ch=48, ch_mult=(1, 2))
     with pytest.raises(ValueError, match="not divisible by the downsampling factor 4"):
-        KLAutoencoder(**TINY, ch_mult=(1, 2, 2)).encode(torch.randn(1, 3, 30, 32))
+        AutoencoderNet(**TINY, ch_mult=(1, 2, 2)).encode(torch.randn(1, 3, 30, 32))
 
 
 # --------------------------------------------------------------------------- the posterior

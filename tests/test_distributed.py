@@ -25,7 +25,7 @@ from ldm.data.shapes import shapes_urls
 from ldm.data.shards import expand_urls
 from ldm.nets.attention import Attention, BasicTransformerBlock, SpatialTransformer
 from ldm.nets.unet import Downsample, ResBlock, UNetModel
-from ldm.nets.vae import KLAutoencoder, ResnetBlock
+from ldm.nets.vae import AutoencoderNet, ResnetBlock
 from ldm.training.distributed import (
     LAUNCHER_ENV_VARS,
     cluster_plugins,
@@ -241,7 +241,7 @@ def test_fsdp_config_composes_with_wrap_policy_and_state_dict_type():
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accumulate_grad_batches == 4
 
     policy = strategy.kwargs["auto_wrap_policy"]
-    unet, vae = tiny_unet(), KLAutoencoder(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1,
+    unet, vae = tiny_unet(), AutoencoderNet(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1,
                                            attention_resolutions=[], norm_groups=8)
     for module in [*unet.modules(), *vae.modules()]:
         expected = isinstance(module, (ResBlock, BasicTransformerBlock, SpatialTransformer, ResnetBlock))

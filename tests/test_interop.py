@@ -23,7 +23,7 @@ from ldm.loading import (
 from ldm.loading.stable_diffusion import sd_model_config
 from ldm.models.conditioners import MissingConditioner
 from ldm.nets.unet import UNetModel
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 
 TINY = {"unet": {"model_channels": 32, "channel_mult": [1, 2, 1, 1]},
         "first_stage": {"ch": 32, "ch_mult": [1, 2, 1, 1]}, "conditioner": {"width": 64}}
@@ -94,7 +94,7 @@ def test_standalone_first_stage_ckpt_with_loss_keys(fixtures_dir, tmp_path):
 
 def test_ldm_autoencoder_run_checkpoint_loads_with_its_own_config(tmp_path):
     config = {"embed_dim": 4, "z_channels": 4, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "norm_groups": 8}
-    vae = KLAutoencoder(**config)
+    vae = AutoencoderNet(**config)
     path = tmp_path / "last.ckpt"
     torch.save({"hyper_parameters": {"vae": config}, "state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, path)
     loaded, loaded_config = load_any_first_stage(str(path))
@@ -161,7 +161,7 @@ def test_full_size_sd1_preset_matches_the_release_keys(fixtures_dir):
     channels = {"in_channels": config["first_stage"]["embed_dim"], "out_channels": config["first_stage"]["embed_dim"]}
     with torch.device("meta"):
         unet = UNetModel(**{**config["unet"], **channels})
-        vae = KLAutoencoder(**config["first_stage"])
+        vae = AutoencoderNet(**config["first_stage"])
     for net, prefix, file in [(unet, "model.diffusion_model.", "sd_v1_unet_keys.json"),
                               (vae, "first_stage_model.", "sd_v1_vae_keys.json")]:
         with open(os.path.join(fixtures_dir, file)) as handle:

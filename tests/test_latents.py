@@ -15,7 +15,7 @@ from ldm.data.shards import expand_urls, iter_raw_samples
 from ldm.data.transforms import ImageTransform, decode_sample, uint8_to_signed
 from ldm.data.webdataset import ShapesDataModule
 from ldm.inference.latent_cache import META_FILE, encode_latents
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.training.pipeline import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,10 +29,10 @@ def vae_config(factor: int) -> dict:
                 attention_resolutions=[], norm_groups=8)
 
 
-def save_autoencoder(path: str, factor: int = 4, seed: int = 0) -> KLAutoencoder:
+def save_autoencoder(path: str, factor: int = 4, seed: int = 0) -> AutoencoderNet:
     """A stage-1 checkpoint as AutoencoderKL writes it (weights `vae.*`, constructor args in hparams)."""
     torch.manual_seed(seed)
-    vae = KLAutoencoder(**vae_config(factor)).eval()
+    vae = AutoencoderNet(**vae_config(factor)).eval()
     state = {f"vae.{k}": v for k, v in vae.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"vae": vae_config(factor)}}, path)
     return vae

@@ -1,4 +1,4 @@
-"""Our KLAutoencoder loads CompVis / Stability first-stage checkpoints and reproduces their outputs.
+"""Our AutoencoderNet loads CompVis / Stability first-stage checkpoints and reproduces their outputs.
 
 Fixtures (see tests/fixtures/README.md): tiny SD 1.x / 2.x f8 autoencoders and an LDM kl-f16
 one with attention, random weights, outputs produced by the original reference code. Each model is
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 
 PREFIX = "first_stage_model."
 
@@ -41,7 +41,7 @@ def test_full_size_sd_keys_and_shapes_match_the_release(fixtures_dir):
     with open(os.path.join(fixtures_dir, "sd_v1_vae_keys.json")) as handle:
         reference = json.load(handle)["keys"]
     with torch.device("meta"):
-        vae = KLAutoencoder(embed_dim=4, z_channels=4, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)
+        vae = AutoencoderNet(embed_dim=4, z_channels=4, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)
     ours = {PREFIX + key: list(tensor.shape) for key, tensor in vae.state_dict().items()}
     assert sorted(ours) == sorted(reference)
     assert ours == reference
@@ -50,7 +50,7 @@ def test_full_size_sd_keys_and_shapes_match_the_release(fixtures_dir):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_vae_matches_reference_outputs(fixtures_dir, name):
     weights, io = load_fixture(fixtures_dir, name)
-    vae = KLAutoencoder(**FIXTURES[name]).eval()
+    vae = AutoencoderNet(**FIXTURES[name]).eval()
     vae.load_state_dict(weights, strict=True)
     with torch.no_grad():
         encoder_out = vae.encoder(io["image"])
@@ -72,7 +72,7 @@ def test_swapped_decoder_levels_are_detected(fixtures_dir):
         .replace("decoder.up.TMP.", "decoder.up.3."): value
         for key, value in weights.items()
     }
-    vae = KLAutoencoder(**TINY_SD_VAE).eval()
+    vae = AutoencoderNet(**TINY_SD_VAE).eval()
     vae.load_state_dict(swapped, strict=True)  # levels 2 and 3 have equal widths: shapes agree
     with torch.no_grad():
         decoded = vae.decode(vae.encode(io["image"]).mode())

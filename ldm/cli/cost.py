@@ -24,7 +24,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.concat_conditioners import ConcatConditioner, concat_channels_of
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.nets.unet import UNetModel
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.training.stages import first_stage_config
 from ldm.utils.config import CONFIG_DIR
 
@@ -129,7 +129,7 @@ def _conditioning(conditioner: nn.Module, batch: int) -> dict[str, torch.Tensor]
 def _autoencoder_forward(model: dict[str, Any], batch: int, resolution: int) -> tuple[dict[str, nn.Module], float]:
     """The autoencoder; LPIPS and the discriminator are not counted."""
     with torch.device("meta"):
-        vae = KLAutoencoder(**model["vae"])
+        vae = AutoencoderNet(**model["vae"])
     with FlopCounterMode(display=False) as counter:
         vae(torch.zeros(batch, 3, resolution, resolution, device="meta"))
     return {"autoencoder": vae}, counter.get_total_flops()

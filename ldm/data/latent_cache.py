@@ -30,7 +30,7 @@ from torch import nn
 
 from ldm.data.transforms import CorruptSample, decode_caption, decode_class_label
 from ldm.data.webdataset import WebDataModule
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 
 META_FILE = "latents.json"
 CACHE_FORMAT = "ldm-latents-v1"
@@ -62,7 +62,7 @@ def weights_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def first_stage_identity(vae: KLAutoencoder, checkpoint: str | None = None) -> FirstStageIdentity:
+def first_stage_identity(vae: AutoencoderNet, checkpoint: str | None = None) -> FirstStageIdentity:
     return FirstStageIdentity(weights_sha256(vae), vae.downsampling_factor, vae.latent_channels, checkpoint)
 
 
@@ -126,7 +126,7 @@ class LatentDataModule(WebDataModule):
         if model is not None:
             self.check_first_stage(model.first_stage, model.hparams.get("first_stage_ckpt"))
 
-    def check_first_stage(self, vae: KLAutoencoder, checkpoint: str | None = None) -> None:
+    def check_first_stage(self, vae: AutoencoderNet, checkpoint: str | None = None) -> None:
         """Refuse to train a model whose first stage is not the autoencoder that made the cache."""
         configured = first_stage_identity(vae, checkpoint)
         if configured.weights_sha256 == self.first_stage.weights_sha256:

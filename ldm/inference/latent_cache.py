@@ -25,7 +25,7 @@ from ldm.data.transforms import (
 )
 from ldm.data.webdataset import WebDataModule
 from ldm.loading.checkpoints import load_first_stage
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def encode_latents(first_stage_ckpt: str, datamodule: WebDataModule, out: str, b
 
 
 @torch.no_grad()
-def _encoded_samples(url: str, vae: KLAutoencoder, transform: ImageTransform, batch_size: int,
+def _encoded_samples(url: str, vae: AutoencoderNet, transform: ImageTransform, batch_size: int,
                      corrupt: dict[str, int]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, fields) of every readable sample of one shard: posterior mean / std, caption, class."""
 
@@ -93,7 +93,7 @@ def _encoded_samples(url: str, vae: KLAutoencoder, transform: ImageTransform, ba
         yield from _encode_rows(rows, vae)
 
 
-def _encode_rows(rows: list[dict], vae: KLAutoencoder) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _encode_rows(rows: list[dict], vae: AutoencoderNet) -> Iterator[tuple[str, dict[str, bytes]]]:
     device = next(vae.parameters()).device
     images = uint8_to_signed(torch.stack([row["image"] for row in rows])).to(device)
     posterior = vae.encode(images)

@@ -22,7 +22,7 @@ from ldm.loading.stable_diffusion import load_sd_checkpoint
 from ldm.loading.state_dicts import load_exact
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.utils.files import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def build_latent_diffusion(config: Mapping[str, Any]) -> LatentDiffusion:
     return model
 
 
-def load_first_stage(path: str | None) -> tuple[KLAutoencoder, dict[str, Any]]:
+def load_first_stage(path: str | None) -> tuple[AutoencoderNet, dict[str, Any]]:
     """The autoencoder net and its constructor arguments, from an ldm AutoencoderKL or LatentDiffusion
     checkpoint, an ldm export, or a CompVis / Stable Diffusion file (architecture read from the weights)."""
     if not path:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ldm.loading.exported import read_exported_config
 from ldm.loading.state_dicts import CheckpointMismatchError, load_exact, strip_prefix
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.utils.files import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ IGNORED_KEYS = frozenset({
 # ---------------------------------------------------------------- first stage
 def load_compvis_first_stage(
     path: str, vae_config: dict[str, Any] | None = None
-) -> tuple[KLAutoencoder, dict[str, Any]]:
+) -> tuple[AutoencoderNet, dict[str, Any]]:
     """The autoencoder of a CompVis checkpoint (`first_stage_model.*` keys of a full LDM / SD file,
     or a standalone first-stage file with bare `encoder.*`, `decoder.*`, ... and `loss.*`) and its
     constructor arguments, inferred from the tensor shapes unless `vae_config` is given."""
@@ -53,10 +53,10 @@ def load_compvis_first_stage(
 
 def first_stage_from_state_dict(
     state_dict: Mapping[str, Tensor], source: str, vae_config: dict[str, Any] | None = None
-) -> tuple[KLAutoencoder, dict[str, Any]]:
+) -> tuple[AutoencoderNet, dict[str, Any]]:
     weights = compvis_first_stage_weights(state_dict, source)
     config = dict(vae_config) if vae_config else infer_first_stage_config(weights, source)
-    vae = KLAutoencoder(**config)
+    vae = AutoencoderNet(**config)
     load_exact(vae, weights, source, hint="Pass vae_config= with the autoencoder's architecture if inference guessed wrong.")
     return vae.eval(), config
 
@@ -76,7 +76,7 @@ def compvis_first_stage_weights(state_dict: Mapping[str, Tensor], source: str) -
 
 
 def infer_first_stage_config(weights: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Any]:
-    """KLAutoencoder arguments read off the tensor shapes (LDM paper App. G autoencoders, SD VAEs).
+    """AutoencoderNet arguments read off the tensor shapes (LDM paper App. G autoencoders, SD VAEs).
 
     Width per level = output channels of the level's first ResNet block; attention levels = those
     with `encoder.down.L.attn.*`; z_channels from `encoder.conv_out` (mean and log-variance);
@@ -107,7 +107,7 @@ def infer_first_stage_config(weights: Mapping[str, Tensor], source: str = "check
     return config
 
 
-def load_any_first_stage(path: str) -> tuple[KLAutoencoder, dict[str, Any]]:
+def load_any_first_stage(path: str) -> tuple[AutoencoderNet, dict[str, Any]]:
     """The first-stage autoencoder of any checkpoint we know: an ldm `AutoencoderKL` run (`vae.*`),
     an ldm `LatentDiffusion` run or export (`first_stage.*`), or a CompVis / SD file (architecture
     inferred). Returns the net and its constructor arguments (saved in the LatentDiffusion hparams)."""
@@ -118,7 +118,7 @@ def load_any_first_stage(path: str) -> tuple[KLAutoencoder, dict[str, Any]]:
     for prefix, config_key in (("vae.", "vae"), ("first_stage.", "first_stage")):
         if hparams.get(config_key) and any(key.startswith(prefix) for key in state_dict):
             config = dict(hparams[config_key])
-            vae = KLAutoencoder(**config)
+            vae = AutoencoderNet(**config)
             load_exact(vae, strip_prefix(state_dict, prefix), path)
             return vae.eval(), config
     if "unet" in hparams and not hparams.get("first_stage"):

@@ -14,12 +14,12 @@ from ldm.models.autoencoder_loss import AutoencoderLoss
 from ldm.models.nonfinite import NonFiniteTrainingError
 from ldm.models.optimization import global_batch_size
 from ldm.nets.posterior import DiagonalGaussian
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 from ldm.utils.images import interleave, log_image_grid, save_image_grid
 
 
 class AutoencoderKL(pl.LightningModule):
-    """`vae` and `loss` are the keyword arguments of `KLAutoencoder` and `AutoencoderLoss`.
+    """`vae` and `loss` are the keyword arguments of `AutoencoderNet` and `AutoencoderLoss`.
 
     Two Adam optimizers take turns on every batch (manual optimisation): the autoencoder with
     the loss's learned log-variance, then the discriminator, which is skipped entirely before
@@ -45,7 +45,7 @@ class AutoencoderKL(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.vae = KLAutoencoder(**vae)
+        self.vae = AutoencoderNet(**vae)
         self.loss = AutoencoderLoss(**loss)
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0

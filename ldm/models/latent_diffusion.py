@@ -34,7 +34,7 @@ from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
 from ldm.models.optimization import effective_learning_rate
 from ldm.nets.unet import UNetModel
-from ldm.nets.vae import KLAutoencoder
+from ldm.nets.vae import AutoencoderNet
 
 NUM_TIMESTEP_BINS = 4  # the loss is also logged per quartile of t: where the model struggles shows there
 
@@ -79,7 +79,7 @@ class LatentDiffusion(pl.LightningModule):
                 "LatentDiffusion needs `first_stage` (the autoencoder's constructor arguments). Build it with "
                 "ldm.loading.build_latent_diffusion(config), which reads them and the weights from first_stage_ckpt."
             )
-        self.first_stage = KLAutoencoder(**first_stage)
+        self.first_stage = AutoencoderNet(**first_stage)
         self.first_stage.requires_grad_(False).eval()
         _check_first_stage(self.first_stage, first_stage_ckpt, first_stage_factor)
 
@@ -295,7 +295,7 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))
 
 
-def _check_first_stage(first_stage: KLAutoencoder, ckpt: str | None, factor: int | None) -> None:
+def _check_first_stage(first_stage: AutoencoderNet, ckpt: str | None, factor: int | None) -> None:
     if factor is not None and first_stage.downsampling_factor != factor:
         raise ValueError(
             f"The stage-1 model {ckpt} has downsampling factor f={first_stage.downsampling_factor}, but this "
@@ -304,7 +304,7 @@ def _check_first_stage(first_stage: KLAutoencoder, ckpt: str | None, factor: int
         )
 
 
-def derived_unet_channels(unet: dict, first_stage: KLAutoencoder, conditioner: nn.Module, ckpt: str | None) -> dict:
+def derived_unet_channels(unet: dict, first_stage: AutoencoderNet, conditioner: nn.Module, ckpt: str | None) -> dict:
     """The UNet arguments with `in_channels` = latent + concatenated-condition channels and `out_channels` =
     latent channels, never typed twice: null (or absent) derives them, a different explicit value is an error."""
     latent = first_stage.embed_dim

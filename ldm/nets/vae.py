@@ -20,7 +20,7 @@ from ldm.nets.unet import Upsample  # nearest x2 + 3x3 conv: the same layer in b
 GROUP_NORM_EPS = 1e-6  # CompVis autoencoder GroupNorm eps (the UNet uses 1e-5)
 
 
-class KLAutoencoder(nn.Module):
+class AutoencoderNet(nn.Module):
     """Encoder -> diagonal Gaussian posterior over latents -> decoder.
 
     Latents are (B, embed_dim, H/f, W/f) with f = 2 ** (len(ch_mult) - 1).
