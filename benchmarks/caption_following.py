@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +64,21 @@ def max_time(minutes: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def budget(args: argparse.Namespace) -> list[str]:
+    """Equal wall-clock minutes (the issue's comparison) or, with --steps, equal optimizer steps: the variants cost
+    the same per step (the positional codes add <1 %), so equal steps is the same comparison and, unlike a
+    wall-clock budget, is not skewed when the machine is shared. Steps/s are reported either way."""
+    if args.steps:
+        return [f"trainer.max_steps={args.steps}"]
+    return ["trainer.max_steps=-1", f"+trainer.max_time={max_time(args.minutes)}"]
+
+
 def compose_variant(name: str, args: argparse.Namespace, run_dir: Path) -> Any:
     """The quickstart config with the variant's overrides, a wall-clock budget instead of a step count, and no
     grids, validation or after-training actions inside the budget (they would cost the variants unequally)."""
     overrides = [
         "experiment=quickstart", f"size={args.size}", f"seed={args.seed}", "~callbacks.sample_grid", "~after_training",
-        "trainer.max_steps=-1", f"+trainer.max_time={max_time(args.minutes)}", "trainer.limit_val_batches=0",
+        *budget(args), "trainer.limit_val_batches=0",
         f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}", *VARIANTS[name],
     ]
     if args.first_stage_steps or args.size == "tiny":
@@ -78,19 +89,49 @@ def compose_variant(name: str, args: argparse.Namespace, run_dir: Path) -> Any:
     return compose(config_name="train", overrides=overrides)
 
 
-def run_variant(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def training_overrides(name: str) -> tuple[str, ...]:
+    """The overrides that change the trained model; `sampling.*` ones change only how it is sampled."""
+    return tuple(o for o in VARIANTS[name] if not o.startswith("sampling."))
+
+
+def run_group(names: list[str], args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Train once and evaluate each variant of a group that shares its training overrides (training is seeded, so
+    `zsnr_v` and `trailing` are the same model sampled two ways)."""
+    torch.set_num_threads(args.threads)
+    rows = []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # stage 1 composes its own config too
-        cfg = compose_variant(name, args, root / name / "run")
-        with open_dict(cfg):  # stage 1 first (trained once, then reused): outside the timed stage-2 budget
+        cfg = compose_variant(names[0], args, root / names[0] / "run")
+        with open_dict(cfg):  # stage 1 (trained once, then reused from .cache/): outside the stage-2 budget
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg, train)
         start = time.perf_counter()
-        result = train(cfg)
+        ckpt = train(cfg).last_ckpt
         train_minutes = (time.perf_counter() - start) / 60
-    metrics = evaluate(str(root / name / "evaluation"), ckpt=result.last_ckpt, data=cfg.data,
-                       num_samples=args.num_samples, cache_dir=os.path.join(cfg.paths.cache_dir, "metrics"),
-                       sampling=OmegaConf.to_container(cfg.sampling, resolve=True), batch_size=args.batch_size,
-                       device="cpu", diagnostics=True, diagnostics_samples=args.diagnostics_samples)
-    return summarize(name, metrics, train_minutes)
+        for name in names:
+            sampling = compose_variant(name, args, root / name / "run").sampling
+            metrics = evaluate(str(root / name / "evaluation"), ckpt=ckpt, data=cfg.data,
+                               num_samples=args.num_samples, cache_dir=os.path.join(cfg.paths.cache_dir, "metrics"),
+                               sampling=OmegaConf.to_container(sampling, resolve=True), batch_size=args.batch_size,
+                               device="cpu", diagnostics=True, diagnostics_samples=args.diagnostics_samples)
+            rows.append(summarize(name, metrics, train_minutes))
+    return rows
+
+
+def run_all(names: list[str], args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Every variant, grouped by training overrides; with --jobs N the groups run in N processes of --threads
+    each (on 2 cores two 1-thread processes out-train one 2-thread process, and equal step budgets make the
+    comparison independent of how the cores are shared)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in names:
+        groups.setdefault(training_overrides(name), []).append(name)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # stage 1 once, before any worker
+        ensure_first_stage(compose_variant(names[0], args, root / "stage1"), train)
+    if args.jobs <= 1:
+        results = [run_group(group, args, root) for group in groups.values()]
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_group, groups.values(), [args] * len(groups), [root] * len(groups)))
+    by_name = {row["variant"]: row for rows in results for row in rows}
+    return [by_name[name] for name in names]
 
 
 def summarize(name: str, metrics: dict[str, Any], train_minutes: float) -> dict[str, Any]:
@@ -99,6 +140,7 @@ def summarize(name: str, metrics: dict[str, Any], train_minutes: float) -> dict[
     return {
         "variant": name, "overrides": VARIANTS[name], "steps": metrics["checkpoint"]["global_step"],
         "train_minutes": round(train_minutes, 2),
+        "steps_per_second": round(metrics["checkpoint"]["global_step"] / max(train_minutes * 60, 1e-9), 3),
         **{f"fidelity_{head}": metrics[f"prompt_fidelity_{head}"] for head in ("color", "shape", "position", "all")},
         "fid_name": metrics["fid_name"], "fid": metrics["fid"], "precision": metrics["precision"],
         "recall": metrics["recall"],
@@ -110,7 +152,7 @@ def summarize(name: str, metrics: dict[str, Any], train_minutes: float) -> dict[
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    columns = [("variant", "variant", "{}"), ("steps", "steps", "{}"), ("colour", "fidelity_color", "{:.3f}"),
+    columns = [("variant", "variant", "{}"), ("steps", "steps", "{}"), ("min", "train_minutes", "{:.1f}"), ("colour", "fidelity_color", "{:.3f}"),
                ("shape", "fidelity_shape", "{:.3f}"), ("position", "fidelity_position", "{:.3f}"),
                ("all", "fidelity_all", "{:.3f}"), ("FID_shapes_cnn", "fid", "{:.2f}"), ("prec", "precision", "{:.3f}"),
                ("recall", "recall", "{:.3f}")]
@@ -133,6 +175,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="stage-2 training budget per variant")
+    parser.add_argument("--steps", type=int, default=None, help="equal step budget instead of --minutes")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--size", default="small", choices=["small", "tiny"])
     parser.add_argument("--num-samples", type=int, default=256, help="generated images per evaluation")
@@ -140,7 +183,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="sampling batch size")
     parser.add_argument("--first-stage-steps", type=int, default=None, help="default: the quickstart's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=1, help="variant groups trained in parallel processes")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
@@ -149,11 +193,12 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     root = REPO / "outputs" / "caption_following" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    rows = [run_variant(name, args, root) for name in names]
+    rows = run_all(names, args, root)
     print(table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"minutes": args.minutes, "size": args.size, "threads": args.threads,
+    out.write_text(json.dumps({"minutes": args.minutes, "steps": args.steps, "size": args.size, "threads": args.threads,
+                               "jobs": args.jobs,
                                "num_samples": args.num_samples, "runs": str(root), "results": rows}, indent=2))
     print(f"wrote {out}")
 
