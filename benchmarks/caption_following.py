@@ -12,6 +12,7 @@ minutes (stage 1 is trained once, reused by all, and not counted), then are eval
     mask        + cross-attention key-padding mask (conditioner.padding_mask)
     positional  + fixed 2-D positional codes in the transformers (unet.spatial_positional_embedding)
     (rescale    trailing + guidance rescale 0.7, Lin et al. Sec. 3.4: not in the default list)
+    (positional_unmasked  trailing + the positional codes, without the padding mask: not in the default list)
 
 Reported per variant: steps trained, prompt fidelity (colour, shape, position, all), FID_shapes_cnn, precision /
 recall, the caption-sensitivity gaps (x0-space loss gap per swapped attribute, mean over timestep quartiles and
@@ -53,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "mask": MASK,
     "positional": [*MASK, "model.unet.spatial_positional_embedding=true"],
     "rescale": [*TRAILING, "sampling.guidance_rescale=0.7"],
+    "positional_unmasked": [*TRAILING, "model.unet.spatial_positional_embedding=true"],
 }
 DEFAULT_VARIANTS = "baseline,zsnr_v,trailing,mask,positional"
 ATTRIBUTES = ("color", "shape", "position", "shuffled")
