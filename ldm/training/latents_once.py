@@ -71,17 +71,21 @@ def why_images(model: Any, datamodule: Any) -> str | None:
 def cache_identity(model: LatentDiffusion, datamodule: WebDataModule) -> dict[str, Any]:
     """What decides a cache's content. `shapes` is a function of its arguments (its shards may not be written
     yet on a waiting process); other shard sets are named by their files."""
+    return {"format": CACHE_FORMAT, "first_stage": weights_sha256(model.first_stage),
+            "shards": train_shards_identity(datamodule), "resolution": datamodule.resolution,
+            "flipped_copies": bool(datamodule.random_flip)}
+
+
+def train_shards_identity(datamodule: WebDataModule) -> Any:
+    """What names a data module's train shards: the `shapes` arguments, else each shard's path, size and time."""
     if isinstance(datamodule, ShapesDataModule):
-        shards: Any = dict(datamodule.shapes_args)
-    else:
-        shards = [[url, os.path.getsize(url), os.stat(url).st_mtime_ns] for url in expand_urls(datamodule.train_urls)]
-    return {"format": CACHE_FORMAT, "first_stage": weights_sha256(model.first_stage), "shards": shards,
-            "resolution": datamodule.resolution, "flipped_copies": bool(datamodule.random_flip)}
+        return dict(datamodule.shapes_args)
+    return [[url, os.path.getsize(url), os.stat(url).st_mtime_ns] for url in expand_urls(datamodule.train_urls)]
 
 
-def cache_root(cache_dir: str, identity: dict[str, Any]) -> str:
+def cache_root(cache_dir: str, identity: dict[str, Any], kind: str = "latents") -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir, "latents", digest)
+    return os.path.join(cache_dir, kind, digest)
 
 
 def ensure_latents(cfg: DictConfig, model: Any, datamodule: Any) -> str | None:
@@ -104,7 +108,7 @@ def ensure_latents(cfg: DictConfig, model: Any, datamodule: Any) -> str | None:
     elif os.environ.get("LOCAL_RANK", "0") == "0":
         _encode(model, datamodule, root, identity, batch_size=int(cfg.data.get("batch_size", 32)))
     else:
-        _wait_for(meta_path)
+        wait_for(meta_path)
     train_from_cache(datamodule, root, model.first_stage)
     return root
 
@@ -130,7 +134,7 @@ def _encode(model: LatentDiffusion, datamodule: WebDataModule, root: str, identi
     log.info("Encoded %d images in %.1f s", meta["num_samples"]["train"], time.perf_counter() - start)
 
 
-def _wait_for(meta_path: str) -> None:
+def wait_for(meta_path: str) -> None:
     """Wait for the node's first process to finish the cache."""
     waited = 0.0
     while not os.path.isfile(meta_path):

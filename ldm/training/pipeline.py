@@ -27,6 +27,7 @@ from ldm.training.preemption import (
 from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
+from ldm.training.text_vocabulary import resolve_vocabulary
 from ldm.utils.ranks import is_global_zero_from_env
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    resolve_vocabulary(cfg, datamodule)  # model.conditioner.vocabulary=data: the train captions' tokens
     model = build_model(cfg.model)
     if cfg.get("init_from"):
         init_from(model, cfg.init_from)
