@@ -57,8 +57,7 @@ BATCH_ORIGIN = ("_worker", "_num_read")  # which worker built a batch from how m
 class ShardStream(IterableDataset):
     """Batches of one rank for one epoch, as planned; ``start_epoch`` sets the epoch and resume point.
 
-    ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``): images
-    for ``WebDataModule``, cached latents for ``ldm.inference.latent_cache.LatentDataModule``."""
+    ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``)."""
 
     def __init__(self, urls: list[str], plan: ShardPlan, rank: int, decode: Callable[..., dict], batch_size: int,
                  shuffle_buffer: int, seed: int) -> None:
@@ -236,6 +235,11 @@ class WebDataModule(pl.LightningDataModule):
         self._pass: TrainPass | None = None  # the training pass under way (None: none yet)
         self._epoch = 0  # the data epoch of the next pass when no Trainer drives this module
         self._resume: dict | None = None  # a checkpoint's data position, for the next pass
+        self._train_decoder: Callable[..., dict] | None = None  # set by read_train_from
+
+    def read_train_from(self, urls: str, decode: Callable[..., dict]) -> None:
+        """Train on other shards of the same samples (their cached latents: ldm/data/latent_cache.py); val stays."""
+        self.train_urls, self._train_decoder = urls, decode
 
     def train_dataloader(self) -> EpochLoader:
         length = (self.samples_per_epoch, self.resampled)
@@ -305,6 +309,8 @@ class WebDataModule(pl.LightningDataModule):
 
     def sample_decoder(self, train: bool) -> Callable[..., dict]:
         """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
+        if train and self._train_decoder is not None:
+            return self._train_decoder
         transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
         return functools.partial(decode_sample, transform=transform, seed=self.seed, num_classes=self.num_classes,
                                  degradations=self.degradations, semantic_map=self.semantic_map)

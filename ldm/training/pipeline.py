@@ -1,6 +1,7 @@
 """What `train.py` does with a composed config: build data, model, callbacks, loggers, trainer; fit.
 
-A latent-diffusion config without `model.first_stage_ckpt` first gets its stage-1 autoencoder (stages.py).
+A latent-diffusion config without `model.first_stage_ckpt` first gets its stage-1 autoencoder (stages.py), and
+then trains from its data's latents, encoded once (latents_once.py; `cache_latents=false`: from the images).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm.loading.checkpoints import build_model, init_from
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.distributed import cluster_plugins
+from ldm.training.latents_once import ensure_latents
 from ldm.training.loggers import build_loggers, git_commit, log_run_config
 from ldm.training.preemption import (
     exit_status_on_preemption,
@@ -25,6 +27,7 @@ from ldm.training.preemption import (
 from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
+from ldm.training.text_vocabulary import resolve_vocabulary
 from ldm.utils.ranks import is_global_zero_from_env
 
 log = logging.getLogger(__name__)
@@ -62,9 +65,11 @@ def train(cfg: DictConfig) -> TrainResult:
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    resolve_vocabulary(cfg, datamodule)  # model.conditioner.vocabulary=data: the train captions' tokens
     model = build_model(cfg.model)
     if cfg.get("init_from"):
         init_from(model, cfg.init_from)
+    ensure_latents(cfg, model, datamodule)  # stage 2: the train split from cached latents (cache_latents)
     check_gradient_clipping(model, cfg.trainer)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += fault_tolerance_callbacks(cfg.seed, output_dir)

@@ -88,4 +88,5 @@ def first_stage_config(cfg: DictConfig) -> DictConfig:
             if key in cfg.trainer:  # same processes; the strategy's own keys resolve in the stage-1 config
                 stage1.trainer[key] = cfg.trainer[key]
         stage1.logger = cfg.get("logger")
+        stage1.pop("cache_latents", None)  # a stage-2 switch: out of the stage-1 config and its hash
     return stage1
