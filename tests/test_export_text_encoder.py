@@ -12,7 +12,7 @@ from ldm.loading.diffusers_export import export_diffusers
 from ldm.models.latent_diffusion import LatentDiffusion
 
 ARCH = "ldm-test-tiny-text-tower"
-PROMPTS = ["a red circle at the top left", "A Blue SQUARE, next to a green triangle!"]
+PROMPTS = ["a red circle at the top left", "A Blue SQUARE, next to a green triangle."]
 
 
 @pytest.fixture(scope="module", autouse=True)

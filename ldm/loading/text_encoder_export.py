@@ -15,7 +15,8 @@ diffusers' pipelines use `last_hidden_state` (after `final_layer_norm`): SD 2.x'
 therefore a tower with its last block left out (num_hidden_layers = layers - 1), as in the 2.x release's own
 text_encoder. The tokenizer files (vocab.json, merges.txt) are written from open_clip's BPE table, which ships
 inside the open_clip package: nothing is downloaded. Its padding token is the conditioner's (`pad_token_id`:
-end-of-text for SD 1.x, id 0 = "!" for SD 2.x, as their releases).
+end-of-text for SD 1.x, id 0 = "!" for SD 2.x, as their releases; like the SD 2.x release's, that tokenizer then
+reads a "!" in a prompt as the padding token, id 0, where open_clip's BPE gives "!</w>", 256).
 
 Other conditioners (our from-scratch `TextTransformer`: pre-LayerNorm but bidirectional, without CLIP's causal
 mask) have no transformers class and are not written (`text_encoder_exportable` says why).
