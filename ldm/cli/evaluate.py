@@ -26,7 +26,8 @@ from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("evaluate")
 SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "density_k", "cache_dir",
-            "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples")
+            "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples",
+            "reference_stats")
 
 
 @hydra_entry("evaluate", "evaluate.py", user_errors=(ValueError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError, WeightsUnavailableError))
@@ -41,9 +42,11 @@ def main(cfg: DictConfig) -> None:
         log.info("task=%s -> %s", cfg.task, task_metrics(cfg))
         return
     metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
-                       sampling=_sampling(cfg), **{key: cfg[key] for key in SETTINGS})
-    log.info("%s = %.4f, precision = %.4f, recall = %.4f -> %s/metrics.json",
-             metrics["fid_name"], metrics["fid"], metrics["precision"], metrics["recall"], cfg.out)
+                       sampling=_sampling(cfg), clip_score=OmegaConf.to_container(cfg.clip_score, resolve=True),
+                       **{key: cfg[key] for key in SETTINGS})
+    shown = {key: metrics.get(key) for key in ("precision", "recall", "clip_score") if metrics.get(key) is not None}
+    log.info("%s = %.4f, %s -> %s/metrics.json", metrics["fid_name"], metrics["fid"],
+             ", ".join(f"{key} = {value:.4f}" for key, value in shown.items()), cfg.out)
 
 
 def sweep_of_settings(cfg: DictConfig) -> str:
@@ -67,7 +70,7 @@ def task_metrics(cfg: DictConfig) -> str:
     if not cfg.ckpt:
         raise ValueError(f"task={cfg.task} needs ckpt=PATH (the checkpoint to sample).")
     settings = {key: cfg[key] for key in SETTINGS if key not in ("ckpt", "fake_dir", "real_dir", "diagnostics",
-                                                                  "diagnostics_samples")}
+                                                                  "diagnostics_samples", "reference_stats")}
     metrics = evaluate_task(cfg.task, cfg.out, cfg.ckpt, cfg.data, sampling=_sampling(cfg),
                             features=OmegaConf.to_container(cfg.features, resolve=True), **settings)
     shown = {key: value for key, value in metrics.items() if isinstance(value, float)}

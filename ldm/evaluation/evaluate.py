@@ -41,7 +41,9 @@ from ldm.metrics import (
     reference_identity,
     reference_statistics,
 )
+from ldm.metrics.clip_score import CLIPScore, build_clip_score, clip_score_metrics
 from ldm.metrics.kid import kernel_inception_distance
+from ldm.metrics.published_stats import load_published_statistics
 from ldm.metrics.shapes_classifier import HEADS
 from ldm.models.concat_conditioners import concat_parts
 from ldm.utils.devices import autocast_dtype, resolve_device
@@ -64,6 +66,8 @@ class EvaluationOptions:
     cache_dir: str = ".cache/metrics"  # reference statistics and the shapes classifier
     batch_size: int = 64  # feature extraction
     device: str = "cpu"
+    reference_stats: str | None = None  # a published pytorch-fid / ADM .npz (mu, sigma) for the FID
+    clip_score: Mapping[str, Any] | None = None  # {"arch", "pretrained"} of the CLIP model; None: no CLIP score
 
 
 # ------------------------------------------------------------------------------------ features
@@ -107,7 +111,10 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor
 
 def reference_statistics_for(source: ImageSource, extractor: FeatureExtractor, options: EvaluationOptions,
                              **extra_identity: Any) -> ReferenceStatistics:
-    """Statistics of the reference images, from the cache under `options.cache_dir` when computed before."""
+    """Statistics of the reference images, from the cache under `options.cache_dir` when computed before, or
+    the published ones of `options.reference_stats` (ldm.metrics.published_stats)."""
+    if options.reference_stats:
+        return load_published_statistics(options.reference_stats, extractor)
     identity = reference_identity(source.identity(), source.split, source.resolution, extractor,
                                   num_real=options.num_real, **extra_identity)
 
@@ -140,14 +147,15 @@ def metrics_of_features(
     network = described.pop("name")
     fid_name, is_name = extractor.metric_names()
     mu, sigma = feature_statistics(fake)
-    precision, recall = precision_recall(reference.features, fake, k=k)
-    density, coverage = density_coverage(reference.features, fake, k=density_k)
+    real = reference.features  # None for published statistics: no k-NN metrics, no KID
+    precision, recall = precision_recall(real, fake, k=k) if real is not None else (None, None)
+    density, coverage = density_coverage(real, fake, k=density_k) if real is not None else (None, None)
     logits = extractor.class_log_probabilities(fake)
     is_splits = min(IS_SPLITS, len(fake))
     is_mean, is_std = inception_score(logits, splits=is_splits) if logits is not None else (None, None)
     return {
         "fid": frechet_distance(reference.mu, reference.sigma, mu, sigma), "fid_name": fid_name,
-        **_kid(reference.features, fake, fid_name),
+        **(_kid(real, fake, fid_name) if real is not None else {"kid": None, "kid_std": None}),
         "precision": precision, "recall": recall, "density": density, "coverage": coverage,
         "is_mean": is_mean, "is_std": is_std, "is_name": is_name if logits is not None else None,
         "is_splits": is_splits if logits is not None else None,
@@ -155,7 +163,8 @@ def metrics_of_features(
         "num_samples": len(fake), "num_real": reference.num_samples, "k": k, "density_k": density_k,
         "features": {"network": network, **described},
         "reference": {"statistics": reference.path, "cache_hit": reference.cache_hit,
-                      "num_real_precision_recall": len(reference.features)},
+                      "num_real_precision_recall": len(real) if real is not None else 0,
+                      **({"published": reference.identity} if "published" in reference.identity else {})},
     }
 
 
@@ -189,6 +198,7 @@ def evaluate(
     k: int = 3, density_k: int = 5, cache_dir: str = ".cache/metrics", feature_batch_size: int = 64,
     sampling: SamplerSettings | Mapping[str, Any] | None = None, batch_size: int = 16, use_ema: bool = True,
     device: str = "auto", precision: str = "fp32", diagnostics: bool = False, diagnostics_samples: int = 256,
+    reference_stats: str | None = None, clip_score: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What `evaluate.py` does, with plain arguments (configs/evaluate.yaml documents them): sample `ckpt`
     (or read `fake_dir`) with `sampling` (SamplerSettings or a `sampling` config node), compare with
@@ -197,8 +207,10 @@ def evaluate(
     (ldm.evaluation.diagnostics) of the checkpoint, on `diagnostics_samples` reference images."""
     if (ckpt is None) == (fake_dir is None):
         raise ValueError("pass exactly one of ckpt=PATH (sample, then evaluate) or fake_dir=DIR (evaluate images).")
+    clip = dict(clip_score or {})
     options = EvaluationOptions(features=_as_spec(features), k=k, density_k=density_k, num_real=num_real,
-                                cache_dir=cache_dir, batch_size=feature_batch_size, device=device)
+                                cache_dir=cache_dir, batch_size=feature_batch_size, device=device,
+                                reference_stats=reference_stats, clip_score=clip if clip and clip.pop("enabled", True) else None)
     reference = reference_images(data, real_dir)
     if fake_dir is not None:
         return evaluate_folder(fake_dir, reference, out, options)
@@ -227,9 +239,12 @@ def evaluate_checkpoint(
                          f"`python evaluate.py task={task} ckpt=...`.")
     conditions = evaluation_conditions(model, num_samples, reference.captions)
     extractor, statistics = features_and_reference(reference, model.hparams.image_size, options)
+    if options.clip_score is not None and model.conditioner.batch_key != "caption":
+        raise ValueError("clip_score.enabled=true scores images against their prompts: this model has none.")
+    scorer = clip_scorer(options)  # offline without its weights: fails here, before sampling
     samples_dir = os.path.join(out, "samples")
     generate_to_dir(model, conditions, samples_dir, settings, batch_size=batch_size, ckpt=ckpt, autocast_dtype=dtype)
-    metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options)
+    metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options, scorer)
     metrics.update(checkpoint={"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
                                "use_ema": use_ema},
                    sampler={**settings.as_dict(), "batch_size": batch_size, "autocast_precision": precision},
@@ -265,7 +280,7 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
     with Image.open(os.path.join(fake.path, fake.files[0])) as first_image:
         image_size = first_image.size[1]
     extractor, statistics = features_and_reference(reference, image_size, options)
-    metrics = _evaluate_folder_against(fake, statistics, extractor, options)
+    metrics = _evaluate_folder_against(fake, statistics, extractor, options, clip_scorer(options))
     metrics["fake_dir"] = fake.path
     write_report(metrics, out)
     return metrics
@@ -304,11 +319,26 @@ def features_and_reference(reference: ImageSource, image_size: int,
     return extractor, reference_statistics_for(reference, extractor, options)
 
 
+def clip_scorer(options: EvaluationOptions) -> CLIPScore | None:
+    if options.clip_score is None:
+        return None
+    return build_clip_score(**options.clip_score, device=resolve_device(options.device))
+
+
 def _evaluate_folder_against(fake: ImageFolder, statistics: ReferenceStatistics, extractor: FeatureExtractor,
-                             options: EvaluationOptions) -> dict[str, Any]:
+                             options: EvaluationOptions, scorer: CLIPScore | None = None) -> dict[str, Any]:
     batches = fake.batches(options.batch_size, getattr(extractor, "input_size", None))
-    return evaluate_images(batches, statistics, extractor, k=options.k, density_k=options.density_k,
-                           captions=fake.captions())
+    captions = fake.captions()
+    metrics = evaluate_images(batches, statistics, extractor, k=options.k, density_k=options.density_k,
+                              captions=captions)
+    if scorer is not None:
+        if not all(captions):
+            raise ValueError(f"clip_score needs a prompt for every image; {fake.path} has images without one "
+                             "(samples.json or <image>.txt).")
+        scores = torch.cat([scorer(images, captions[start:start + len(images)]) for start, images in
+                            zip(range(0, len(captions), options.batch_size), fake.batches(options.batch_size))])
+        metrics.update(clip_score_metrics(scores, scorer))
+    return metrics
 
 
 def check_sample_count(num_samples: int, options: EvaluationOptions) -> None:
@@ -320,7 +350,7 @@ def check_sample_count(num_samples: int, options: EvaluationOptions) -> None:
 
 
 # ------------------------------------------------------------------------------------ reports
-REPORT_ROWS = ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std",
+REPORT_ROWS = ("fid", "kid", "kid_std", "clip_score", "precision", "recall", "density", "coverage", "is_mean", "is_std",
                "prompt_fidelity_color", "prompt_fidelity_shape", "prompt_fidelity_position", "prompt_fidelity_all",
                "num_samples", "num_real", "k")
 

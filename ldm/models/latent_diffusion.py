@@ -20,6 +20,7 @@ from torch import nn
 
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.pipeline import LatentPipeline, posterior_sample
+from ldm.diffusion.samplers import StepCallback
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.diffusion.settings import SamplerSettings
 from ldm.models.concat_conditioners import (
@@ -32,7 +33,12 @@ from ldm.models.concat_conditioners import (
 from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
-from ldm.models.optimization import effective_learning_rate
+from ldm.models.optimization import (
+    build_optimizer,
+    check_lr_schedule,
+    effective_learning_rate,
+    lr_multiplier,
+)
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import AutoencoderNet
 
@@ -64,6 +70,10 @@ class LatentDiffusion(pl.LightningModule):
         weight_decay: float = 0.01,
         adam_betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        optimizer: dict | None = None,
+        lr_schedule: str = "constant",
+        lr_decay_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
         ema_decay: float = 0.9999,
         schedule: dict | None = None,
         max_nonfinite_steps: int = 10,
@@ -71,9 +81,12 @@ class LatentDiffusion(pl.LightningModule):
         """`first_stage` holds the autoencoder's constructor arguments; its weights arrive with the state
         dict. This module opens no file: `ldm.loading.build_latent_diffusion` fills `first_stage` in from
         `first_stage_ckpt` (kept as a record of where the weights came from) and loads them, so a
-        checkpoint of this module rebuilds from its hyperparameters alone."""
+        checkpoint of this module rebuilds from its hyperparameters alone. `optimizer` is a Hydra partial
+        (None: AdamW with `adam_betas` and `weight_decay`); `lr_schedule` follows `warmup_steps` of linear
+        warm-up (ldm.models.optimization.lr_multiplier)."""
         super().__init__()
         self.save_hyperparameters()
+        check_lr_schedule(lr_schedule, min_lr_ratio)
         if first_stage is None:
             raise ValueError(
                 "LatentDiffusion needs `first_stage` (the autoencoder's constructor arguments). Build it with "
@@ -260,35 +273,41 @@ class LatentDiffusion(pl.LightningModule):
         settings: SamplerSettings | dict | None = None,
         *,
         seed_offset: int = 0,
-        image_size: int | None = None,
+        image_size: int | Sequence[int] | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
         progress: bool = False,
+        negative_prompt: str | Sequence[str] | None = None,
+        callback: StepCallback | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), or for a
         batch of conditions ({"caption": [...], "lowres": ..., "image": ..., "mask": ..., "semantic_map": ...}),
         sampled with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
-        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
+        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size. `image_size`
+        is a side or (height, width), multiples of the first stage's factor (None: the training size);
+        `negative_prompt` replaces the empty prompt in guidance's unconditional branch (LatentPipeline.conditions)."""
         return self.pipeline()(
             as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
             image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
-            strength=strength, progress=progress,
+            strength=strength, progress=progress, negative_prompt=negative_prompt, callback=callback,
         )
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         lr = effective_learning_rate(self.hparams.learning_rate, self.hparams.scale_lr, self._trainer,
                                      self.hparams.batch_size)
-        optimizer = torch.optim.AdamW(
-            self.trainable.parameters(),
-            lr=lr,
-            betas=tuple(self.hparams.adam_betas),
-            weight_decay=self.hparams.weight_decay,
-            fused=True,
-        )
-        warmup = max(1, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        hp = self.hparams
+        optimizer = build_optimizer(hp.get("optimizer"), self.trainable.parameters(), lr,
+                                    betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
+        schedule, warmup, min_ratio = hp.get("lr_schedule", "constant"), hp.warmup_steps, hp.get("min_lr_ratio", 0.0)
+        total = hp.get("lr_decay_steps") or (self._trainer.max_steps if self._trainer is not None else None)
+        if schedule != "constant":
+            lr_multiplier(warmup, schedule, warmup, total, min_ratio)  # a missing decay length fails here, not mid-run
+        # a lambda (not a callable object): LambdaLR then saves no schedule state, so a resume with a new
+        # trainer.max_steps ("train longer") decays to the new end
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, schedule, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
