@@ -22,6 +22,17 @@ from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.pipeline import LatentPipeline, posterior_sample
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.diffusion.settings import SamplerSettings
+from ldm.models.acceleration import (
+    accept_compiled_keys,
+    attention_kernel,
+    check_options,
+    compile_in_place,
+    compile_targets,
+    freeze_to_dtype,
+    set_tf32,
+    strip_compiled_prefix,
+    use_channels_last,
+)
 from ldm.models.concat_conditioners import (
     as_batch,
     concat_channels_of,
@@ -33,6 +44,7 @@ from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
 from ldm.models.optimization import effective_learning_rate
+from ldm.models.sharding import full_parameters, is_sharded, shard_latent_diffusion
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import AutoencoderNet
 
@@ -67,13 +79,21 @@ class LatentDiffusion(pl.LightningModule):
         ema_decay: float = 0.9999,
         schedule: dict | None = None,
         max_nonfinite_steps: int = 10,
+        compile: bool = False,
+        compile_mode: str = "default",
+        frozen_dtype: str | None = None,
+        channels_last: bool = False,
+        sdpa_backend: str | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         """`first_stage` holds the autoencoder's constructor arguments; its weights arrive with the state
         dict. This module opens no file: `ldm.loading.build_latent_diffusion` fills `first_stage` in from
         `first_stage_ckpt` (kept as a record of where the weights came from) and loads them, so a
-        checkpoint of this module rebuilds from its hyperparameters alone."""
+        checkpoint of this module rebuilds from its hyperparameters alone. `compile` ... `allow_tf32`: speed
+        switches that keep the state-dict layout (ldm/models/acceleration.py)."""
         super().__init__()
         self.save_hyperparameters()
+        check_options(compile_mode, sdpa_backend, frozen_dtype)
         if first_stage is None:
             raise ValueError(
                 "LatentDiffusion needs `first_stage` (the autoencoder's constructor arguments). Build it with "
@@ -93,6 +113,18 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = scale_factor is not None
         self.ema = EMA(self.trainable, decay=ema_decay) if ema_decay > 0 else None
         self.nonfinite_guard = NonFiniteGradientGuard(max_nonfinite_steps)
+        self._accelerate(compile, compile_mode, frozen_dtype, channels_last, allow_tf32)
+
+    def _accelerate(self, compile: bool, mode: str, frozen_dtype: str | None, channels_last: bool,
+                    allow_tf32: bool) -> None:
+        """After the EMA is built (its shadows stay fp32 and keep the eager names)."""
+        accept_compiled_keys(self)
+        freeze_to_dtype(self.first_stage, self.conditioner, frozen_dtype)
+        if channels_last:
+            use_channels_last([self.unet, self.first_stage])
+        set_tf32(allow_tf32)
+        if compile:
+            compile_in_place(compile_targets(self.unet, self.first_stage, self.conditioner), mode)
 
     @property
     def trainable(self) -> nn.ModuleDict:
@@ -155,7 +187,8 @@ class LatentDiffusion(pl.LightningModule):
     # ---------------------------------------------------------------- training
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         x, kwargs = unet_inputs(latents, cond)  # a `concat` condition is stacked on z_t's channels (Fig. 3)
-        return self.unet(x, timesteps, **kwargs)
+        with attention_kernel(self.hparams.get("sdpa_backend")):
+            return self.unet(x, timesteps, **kwargs)
 
     def conditioning(self, batch: Mapping[str, Any], drop: torch.Tensor | None,
                      latent_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
@@ -270,13 +303,21 @@ class LatentDiffusion(pl.LightningModule):
         batch of conditions ({"caption": [...], "lowres": ..., "image": ..., "mask": ..., "semantic_map": ...}),
         sampled with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
         Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
-        return self.pipeline()(
-            as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
-            image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
-            strength=strength, progress=progress,
-        )
+        with full_parameters(self):  # sharded (FSDP2): gathered once, not in each of the steps' forwards
+            return self.pipeline()(
+                as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
+                image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
+                strength=strength, progress=progress,
+            )
 
     # ---------------------------------------------------------------- optimisation
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (`trainer=fsdp2`): FSDP2-shard the trainable nets and the EMA
+        over the data-parallel mesh (ldm/models/sharding.py). Other strategies set no mesh: nothing happens."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not is_sharded(self.unet):
+            shard_latent_diffusion(self, mesh["data_parallel"] if mesh.mesh_dim_names else mesh)
+
     def configure_optimizers(self) -> Any:
         lr = effective_learning_rate(self.hparams.learning_rate, self.hparams.scale_lr, self._trainer,
                                      self.hparams.batch_size)
@@ -290,6 +331,9 @@ class LatentDiffusion(pl.LightningModule):
         warmup = max(1, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = strip_compiled_prefix(checkpoint["state_dict"])  # eager names, always
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))
