@@ -59,10 +59,12 @@ def compile_targets(unet: nn.Module, first_stage: nn.Module, conditioner: nn.Mod
     return targets
 
 
-def compile_in_place(modules: Iterable[nn.Module], mode: str = "default") -> None:
-    """`module.compile(mode=...)` for each: compiled lazily on the first call, names and state dicts unchanged."""
+def compile_in_place(modules: Iterable[nn.Module], mode: str = "default", backend: str = "inductor") -> None:
+    """`module.compile(mode=...)` for each: compiled lazily on the first call, names and state dicts unchanged.
+    `backend`: inductor (generated kernels); aot_eager traces the same graphs but runs them with eager
+    kernels (seconds instead of minutes to compile: for debugging and tests)."""
     for module in modules:
-        module.compile(mode=mode)
+        module.compile(mode=None if backend != "inductor" else mode, backend=backend)
 
 
 def is_compiled(module: nn.Module) -> bool:

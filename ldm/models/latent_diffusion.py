@@ -81,6 +81,7 @@ class LatentDiffusion(pl.LightningModule):
         max_nonfinite_steps: int = 10,
         compile: bool = False,
         compile_mode: str = "default",
+        compile_backend: str = "inductor",
         frozen_dtype: str | None = None,
         channels_last: bool = False,
         sdpa_backend: str | None = None,
@@ -113,9 +114,9 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = scale_factor is not None
         self.ema = EMA(self.trainable, decay=ema_decay) if ema_decay > 0 else None
         self.nonfinite_guard = NonFiniteGradientGuard(max_nonfinite_steps)
-        self._accelerate(compile, compile_mode, frozen_dtype, channels_last, allow_tf32)
+        self._accelerate(compile, compile_mode, compile_backend, frozen_dtype, channels_last, allow_tf32)
 
-    def _accelerate(self, compile: bool, mode: str, frozen_dtype: str | None, channels_last: bool,
+    def _accelerate(self, compile: bool, mode: str, backend: str, frozen_dtype: str | None, channels_last: bool,
                     allow_tf32: bool) -> None:
         """After the EMA is built (its shadows stay fp32 and keep the eager names)."""
         accept_compiled_keys(self)
@@ -124,7 +125,7 @@ class LatentDiffusion(pl.LightningModule):
             use_channels_last([self.unet, self.first_stage])
         set_tf32(allow_tf32)
         if compile:
-            compile_in_place(compile_targets(self.unet, self.first_stage, self.conditioner), mode)
+            compile_in_place(compile_targets(self.unet, self.first_stage, self.conditioner), mode, backend)
 
     @property
     def trainable(self) -> nn.ModuleDict:
