@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_distributed import free_port
+from test_fsdp2 import CAPTIONS, TINY_MODEL
 
 from ldm.models.acceleration import COMPILED_PREFIX, is_compiled
 from ldm.models.latent_diffusion import LatentDiffusion
-from test_distributed import free_port
-from test_fsdp2 import CAPTIONS, TINY_MODEL
 
 
 def build(**switches) -> LatentDiffusion:

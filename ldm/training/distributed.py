@@ -1,4 +1,5 @@
-"""Scale-out plumbing: the FSDP wrap policy, the cluster plugins, and one run directory per DDP run.
+"""Scale-out plumbing: the FSDP wrap policy, the FSDP2 strategy (`trainer=fsdp2`, CPU or GPU), the cluster
+plugins, and one run directory per DDP run.
 
 Lightning does the distributed work (DDP / FSDP strategies, SLURM detection, requeue); this module only
 supplies what Lightning cannot know about this project, and fixes what Lightning 2.6 gets wrong under
