@@ -89,6 +89,7 @@ def first_stage_config(cfg: DictConfig) -> DictConfig:
                 stage1.trainer[key] = cfg.trainer[key]
         strategy = cfg.trainer.get("strategy")
         if OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith("FSDP2Strategy"):
-            stage1.trainer.strategy = "ddp"  # FSDP2 shards stage 2 only (LatentDiffusion.configure_model)
+            # FSDP2 shards stage 2 only (LatentDiffusion.configure_model); the discriminator idles before disc_start
+            stage1.trainer.strategy = "ddp_find_unused_parameters_true"
         stage1.logger = cfg.get("logger")
     return stage1
