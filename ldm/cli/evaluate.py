@@ -49,8 +49,9 @@ def main(cfg: DictConfig) -> None:
              ", ".join(f"{key} = {value:.4f}" for key, value in shown.items()), cfg.out)
 
 
-def sweep_of_settings(cfg: DictConfig) -> str:
-    """`sweep.cfg_scale=[...] sweep.steps=[...] sweep.sampler=[...]`: one checkpoint at every combination."""
+def sweep_of_settings(cfg: DictConfig, settings_list: list[SamplerSettings] | None = None) -> str:
+    """`sweep.cfg_scale=[...] sweep.steps=[...] sweep.sampler=[...]`: one checkpoint at every combination
+    (or at `settings_list`, for callers with a list that is not a grid: benchmarks/sampling.py)."""
     if not cfg.ckpt:
         raise ValueError("a sweep samples a checkpoint: pass ckpt=PATH with the sweep.* lists.")
     settings = {key: cfg[key] for key in SETTINGS}
@@ -61,7 +62,7 @@ def sweep_of_settings(cfg: DictConfig) -> str:
     grid = {key: list(values) for key, values in cfg.sweep.items() if values}
     sweep_checkpoint(cfg.ckpt, reference_images(cfg.get("data"), settings["real_dir"]), cfg.out, grid,
                      num_samples=cfg.num_samples, base=base, options=options, batch_size=cfg.batch_size,
-                     use_ema=cfg.use_ema, precision=cfg.precision)
+                     use_ema=cfg.use_ema, precision=cfg.precision, settings=settings_list)
     return os.path.join(cfg.out, "sweep.md")
 
 

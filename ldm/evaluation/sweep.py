@@ -61,10 +61,11 @@ def sweep_settings(base: SamplerSettings, grid: Mapping[str, Sequence[Any] | Non
 def sweep_checkpoint(
     ckpt: str, reference: ImageSource, out: str, grid: Mapping[str, Sequence[Any] | None], *, num_samples: int,
     base: SamplerSettings = SamplerSettings(), options: EvaluationOptions = EvaluationOptions(), batch_size: int = 16,
-    use_ema: bool = True, precision: str = "fp32",
+    use_ema: bool = True, precision: str = "fp32", settings: Sequence[SamplerSettings] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate `ckpt` at each setting of `grid`; the model, extractor and reference statistics are built once."""
-    settings = sweep_settings(base, grid)
+    """Evaluate `ckpt` at each setting of `grid` (or at the given `settings`, a list that is not a grid, e.g.
+    benchmarks/sampling.py's solvers); the model, extractor and reference statistics are built once."""
+    settings = list(settings) if settings is not None else sweep_settings(base, grid)
     check_sample_count(num_samples, options)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
     conditions = evaluation_conditions(model, num_samples, reference.captions)
