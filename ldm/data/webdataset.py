@@ -181,6 +181,15 @@ class EpochLoader(DataLoader):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def state_dict(self) -> dict:
+        """Nothing: the data position lives in the data module's checkpoint entry (``WebDataModule.state_dict``),
+        which restores it exactly. Having the two methods tells Lightning that this loader resumes mid-epoch
+        (its "dataloader is not resumable" warning would say the opposite of what is true)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore here: see ``state_dict``."""
+
     def __iter__(self) -> Iterator[dict]:
         self._start_pass(self.dataset)
         with signals_blocked(PREEMPTION_SIGNALS if self.num_workers > 0 else ()):

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 # LPIPS network stay in eval mode during training.
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-# ... and our data modules checkpoint the data position themselves (WebDataModule.state_dict): they resume
-warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
+# (Lightning's "dataloader is not resumable" is not silenced: EpochLoader says it resumes, which it does.)
 
 @dataclass
 class TrainResult:
