@@ -22,6 +22,7 @@ from ldm.training.preemption import (
     fault_tolerance_callbacks,
     find_resume_checkpoint,
 )
+from ldm.training.preflight import preflight
 from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
@@ -44,6 +45,8 @@ class TrainResult:
 
 def train(cfg: DictConfig) -> TrainResult:
     """Fit the configured model; returns where the final checkpoint is."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    preflight(cfg, datamodule)  # seconds: before a stage-1 model is trained or a step taken
     if needs_first_stage(cfg.model):
         with open_dict(cfg):
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg, train)
@@ -60,7 +63,6 @@ def train(cfg: DictConfig) -> TrainResult:
         OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
 
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
     model = build_model(cfg.model)
     if cfg.get("init_from"):
         init_from(model, cfg.init_from)
