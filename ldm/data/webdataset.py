@@ -36,13 +36,7 @@ from ldm.data.sharding import (
     plan_shards,
     resume_point,
 )
-from ldm.data.shards import (
-    expand_urls,
-    is_local,
-    iter_raw_samples,
-    shard_class_count,
-    shard_sample_counts,
-)
+from ldm.data.shards import expand_urls, is_local, iter_raw_samples, shard_sample_counts
 from ldm.data.transforms import (
     CorruptSample,
     ImageTransform,
@@ -225,7 +219,7 @@ class WebDataModule(pl.LightningDataModule):
         semantic_map: bool = False,
     ) -> None:
         """``num_classes``: the class-conditional model's class count (configs interpolate it from
-        ``model.conditioner.num_classes``; train.py derives it from the data when null: ``class_count``); samples
+        ``model.conditioner.num_classes``; train.py derives it from the data when null: preflight.py); samples
         whose ``.cls`` is missing or outside [0, num_classes) are then skipped as corrupt. None: not checked.
         `degradations`: conditions computed from each crop (`lowres`, `mask`: ldm/data/degradations.py);
         `semantic_map`: also read each sample's `{key}.seg.png` label map (shapes writes one)."""
@@ -247,10 +241,6 @@ class WebDataModule(pl.LightningDataModule):
         self._pass: TrainPass | None = None  # the training pass under way (None: none yet)
         self._epoch = 0  # the data epoch of the next pass when no Trainer drives this module
         self._resume: dict | None = None  # a checkpoint's data position, for the next pass
-
-    def class_count(self) -> tuple[int | None, str]:
-        """(number of classes of the training shards' ``.cls`` labels, where it came from): ``shard_class_count``."""
-        return shard_class_count(expand_urls(self.train_urls))
 
     def train_dataloader(self) -> EpochLoader:
         length = (self.samples_per_epoch, self.resampled)
@@ -378,7 +368,7 @@ class ShapesDataModule(WebDataModule):
         self.shapes_args = {"root": root, "resolution": resolution, "num_train": num_train, "num_val": num_val,
                             "num_objects": num_objects, "seed": seed, "samples_per_shard": samples_per_shard}
 
-    def class_count(self) -> tuple[int, str]:  # the data set's own (its shards exist only after prepare_data)
+    def class_count(self) -> tuple[int, str]:  # known (the shards exist only after prepare_data): not scanned
         return NUM_CLASSES, "the built-in shapes data set (colour x shape)"
 
     def prepare_data(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
+from ldm.data.shards import expand_urls, shard_class_count
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.latent_diffusion import LatentDiffusion
 
@@ -108,7 +109,7 @@ def condition_keys(conditioner: DictConfig) -> set[str]:
 
 def resolve_num_classes(cfg: DictConfig, datamodule: Any) -> int:
     """`model.conditioner.num_classes`: from the data when null; a configured value must agree with the data."""
-    found, source = datamodule.class_count() if hasattr(datamodule, "class_count") else (None, "no class count")
+    found, source = data_class_count(datamodule)
     configured = cfg.model.conditioner.get("num_classes")
     if configured is None:
         if found is None:
@@ -127,6 +128,16 @@ def resolve_num_classes(cfg: DictConfig, datamodule: Any) -> int:
     if hasattr(datamodule, "num_classes"):
         datamodule.num_classes = int(configured)
     return int(configured)
+
+
+def data_class_count(datamodule: Any) -> tuple[int | None, str]:
+    """(classes, from where): the data module's own `class_count()` (built-in data sets), else its training
+    shards' classes.json or `.cls` labels (`shard_class_count`)."""
+    if hasattr(datamodule, "class_count"):
+        return datamodule.class_count()
+    if getattr(datamodule, "train_urls", None):
+        return shard_class_count(expand_urls(datamodule.train_urls))
+    return None, f"{type(datamodule).__name__} reads no shards"
 
 
 def default_grid_classes(num_classes: int) -> list[int]:
