@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.data.shapes import parse_caption_objects
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.diagnostics import caption_diagnostics, diagnostics_rows
 from ldm.evaluation.image_sources import ImageFolder, ImageSource, reference_images
@@ -230,6 +231,7 @@ def evaluate_checkpoint(
     samples_dir = os.path.join(out, "samples")
     generate_to_dir(model, conditions, samples_dir, settings, batch_size=batch_size, ckpt=ckpt, autocast_dtype=dtype)
     metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options)
+    metrics.update(_warnings(extractor, reference))
     metrics.update(checkpoint={"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
                                "use_ema": use_ema},
                    sampler={**settings.as_dict(), "batch_size": batch_size, "autocast_precision": precision},
@@ -266,7 +268,7 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
         image_size = first_image.size[1]
     extractor, statistics = features_and_reference(reference, image_size, options)
     metrics = _evaluate_folder_against(fake, statistics, extractor, options)
-    metrics["fake_dir"] = fake.path
+    metrics.update(_warnings(extractor, reference), fake_dir=fake.path)
     write_report(metrics, out)
     return metrics
 
@@ -301,7 +303,35 @@ def features_and_reference(reference: ImageSource, image_size: int,
                             options: EvaluationOptions) -> tuple[FeatureExtractor, ReferenceStatistics]:
     extractor = build_features(options.features, reference_is_shapes=reference.is_shapes, image_size=image_size,
                                cache_dir=options.cache_dir, device=resolve_device(options.device))
+    for warning in feature_warnings(extractor, reference):
+        logger.warning("%s", warning)
     return extractor, reference_statistics_for(reference, extractor, options)
+
+
+def feature_warnings(extractor: FeatureExtractor, reference: ImageSource) -> list[str]:
+    """What the report must say loudly: features learnt on other data than the images they judge. The shapes
+    CNN is trained on the built-in shapes only; on other images its features (and so its FID, precision /
+    recall) measure nothing meaningful about them."""
+    if getattr(extractor, "name", None) == "shapes_cnn" and not reference.is_shapes and not _shapes_captions(reference):
+        return [f"features=shapes_cnn on images that are not the built-in shapes data ({reference.split} split of "
+                f"{_short(reference.identity())}): the shapes classifier was trained on shapes only, so its "
+                f"{extractor.metric_names()[0]}, precision and recall say nothing about these images. Use "
+                "features=inception_v3 (offline: place its weights file; the error names it), clip or dinov2."]
+    return []
+
+
+def _shapes_captions(reference: ImageSource, limit: int = 64) -> bool:
+    """Whether a folder's captions are all shapes captions (images drawn by the shapes renderer, e.g. exported)."""
+    captions = reference.captions(limit)
+    try:
+        return bool(captions) and all(parse_caption_objects(caption) for caption in captions)
+    except ValueError:  # not a shapes caption
+        return False
+
+
+def _short(identity: Any) -> str:
+    text = identity.get("_target_", str(identity)) if isinstance(identity, Mapping) else str(identity)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _evaluate_folder_against(fake: ImageFolder, statistics: ReferenceStatistics, extractor: FeatureExtractor,
@@ -309,6 +339,11 @@ def _evaluate_folder_against(fake: ImageFolder, statistics: ReferenceStatistics,
     batches = fake.batches(options.batch_size, getattr(extractor, "input_size", None))
     return evaluate_images(batches, statistics, extractor, k=options.k, density_k=options.density_k,
                            captions=fake.captions())
+
+
+def _warnings(extractor: FeatureExtractor, reference: ImageSource) -> dict[str, list[str]]:
+    found = feature_warnings(extractor, reference)
+    return {"warnings": found} if found else {}
 
 
 def check_sample_count(num_samples: int, options: EvaluationOptions) -> None:
@@ -331,6 +366,8 @@ def write_report(metrics: Mapping[str, Any], out: str) -> None:
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=1, default=str)
     with open(os.path.join(out, "metrics.md"), "w") as handle:
+        for warning in metrics.get("warnings") or ():
+            handle.write(f"> **WARNING**: {warning}\n\n")
         if "fid" in metrics:
             handle.write(markdown_table(metrics))
         if metrics.get("diagnostics"):
