@@ -4,6 +4,8 @@ import copy
 import functools
 import io
 import json
+import re
+from pathlib import Path
 
 import hydra
 import pytest
@@ -133,3 +135,16 @@ def test_task_name_and_first_stage_follow_the_factor():
 def test_classes_json_is_what_make_shards_writes(tmp_path):
     write_classes(str(tmp_path), ["cat", "dog"])
     assert json.loads((tmp_path / "classes.json").read_text()) == {"num_classes": 2, "names": ["cat", "dog"]}
+
+
+def test_the_readme_sizing_table_is_the_rule():
+    """README "A small class-labelled set": every cell of the sizing table is what fit_unet_depth keeps."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (.+) \| (.+) \| (.+) \|$", readme, re.M)
+    assert len(rows) == 5
+    for resolution, *cells in rows:
+        for (factor, channel_mult), cell in zip(((4, [1, 2, 3, 4]), (8, [1, 2, 4, 4]), (16, [1, 2, 4])), cells):
+            kept, _ = fit_unet_depth(channel_mult, [], int(resolution), factor)
+            latent = int(resolution) // factor
+            level = "level" if len(kept) == 1 else "levels"
+            assert cell == f"{latent} px: {len(kept)} {level} ({latent // 2 ** (len(kept) - 1)})", (resolution, factor)
