@@ -66,11 +66,12 @@ def render_digit(digit: int, rng: random.Random, resolution: int) -> Image.Image
     canvas = Image.new("L", (big, big), 0)
     font = ImageFont.load_default(size=int(big * rng.uniform(0.55, 0.8)))
     draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=0)
-    width, height = right - left, bottom - top
-    x = rng.uniform(0, max(0.0, big - width)) - left
-    y = rng.uniform(0, max(0.0, big - height)) - top
-    draw.text((x, y), str(digit), fill=255, font=font, stroke_width=rng.randint(0, big // 32), stroke_fill=255)
+    stroke = rng.randint(0, big // 32)
+    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
+    margin = big // 10  # room for the rotation: the digit stays whole
+    x = rng.uniform(margin, max(margin, big - margin - (right - left))) - left
+    y = rng.uniform(margin, max(margin, big - margin - (bottom - top))) - top
+    draw.text((x, y), str(digit), fill=255, font=font, stroke_width=stroke, stroke_fill=255)
     mask = canvas.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR).resize((resolution, resolution), Image.BOX)
     return _colourise(mask, rng)
 
