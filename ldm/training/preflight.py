@@ -51,9 +51,11 @@ def preflight(cfg: DictConfig, datamodule: Any) -> None:
     resolution, factor = int(cfg.model.image_size), cfg.model.get("first_stage_factor")
     if factor is not None:  # null: read from the checkpoint when the model is built (checked there)
         check_resolution(resolution, int(factor), "model.first_stage_factor")
-        with open_dict(cfg):
-            cfg.model.unet.channel_mult, cfg.model.unet.attention_resolutions = fit_unet_depth(
-                list(cfg.model.unet.channel_mult), list(cfg.model.unet.attention_resolutions), resolution, int(factor))
+        unet = cfg.model.get("unet")
+        if unet is not None and unet.get("channel_mult") is not None:
+            with open_dict(cfg):
+                unet.channel_mult, unet.attention_resolutions = fit_unet_depth(
+                    list(unet.channel_mult), list(unet.get("attention_resolutions") or []), resolution, int(factor))
     keys = condition_keys(cfg.model.conditioner)
     num_classes = resolve_num_classes(cfg, datamodule) if CLASS_KEY in keys else None
     check_sample_conditions(cfg, keys, num_classes)
