@@ -1,6 +1,7 @@
 """evaluate.py end to end as a user runs it (a folder, a tiny checkpoint, the data config), its errors,
 the reference-statistics cache, and EvaluationCallback inside a short training run."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,11 +14,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
 from ldm.data.shapes import render_sample
 from ldm.evaluation.evaluate import (
     build_features,
+    evaluate,
     evaluation_conditions,
     markdown_table,
 )
@@ -306,3 +309,25 @@ def test_sweep_equals_single_runs_shares_seeds_and_plots(tmp_path, classifier_pa
     metrics = read_metrics(tmp_path / "single")
     for key in ("fid", "kid", "precision", "recall", "density", "coverage", "prompt_fidelity_color"):
         assert records[2][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_shapes_features_on_other_images_warn_in_the_log_and_both_reports(tmp_path, classifier_path, shapes_folders,
+                                                                         caplog):
+    """The shapes CNN judging images that are not shapes: said in the log, metrics.json and metrics.md; on shapes
+    images (a real_dir of them, known by their captions) nothing is said."""
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        Image.fromarray(rng.integers(0, 255, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)).save(noise / f"{index}.png")
+    features = {"name": "shapes_cnn", "weights_path": classifier_path}
+    with caplog.at_level(logging.WARNING, logger="ldm.evaluation.evaluate"):
+        metrics = evaluate(str(tmp_path / "out"), fake_dir=shapes_folders["real"], real_dir=str(noise),
+                           features=features, cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert "features=shapes_cnn on images that are not the built-in shapes data" in metrics["warnings"][0]
+    assert "trained on shapes only" in caplog.text
+    assert read_metrics(tmp_path / "out")["warnings"] == metrics["warnings"]
+    assert (tmp_path / "out" / "metrics.md").read_text().startswith("> **WARNING**: features=shapes_cnn")
+    same = evaluate(str(tmp_path / "same"), fake_dir=shapes_folders["other"], real_dir=shapes_folders["real"],
+                    features=features, cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert "warnings" not in same

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.diagnostics import caption_diagnostics, diagnostics_rows
+from ldm.evaluation.feature_warnings import warnings_entry
 from ldm.evaluation.image_sources import ImageFolder, ImageSource, reference_images
 from ldm.inference.sampling import (
     conditions_for,
@@ -245,6 +246,7 @@ def evaluate_checkpoint(
     samples_dir = os.path.join(out, "samples")
     generate_to_dir(model, conditions, samples_dir, settings, batch_size=batch_size, ckpt=ckpt, autocast_dtype=dtype)
     metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options, scorer)
+    metrics.update(warnings_entry(extractor, reference))
     metrics.update(checkpoint={"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
                                "use_ema": use_ema},
                    sampler={**settings.as_dict(), "batch_size": batch_size, "autocast_precision": precision},
@@ -281,7 +283,7 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
         image_size = first_image.size[1]
     extractor, statistics = features_and_reference(reference, image_size, options)
     metrics = _evaluate_folder_against(fake, statistics, extractor, options, clip_scorer(options))
-    metrics["fake_dir"] = fake.path
+    metrics.update(warnings_entry(extractor, reference), fake_dir=fake.path)
     write_report(metrics, out)
     return metrics
 
@@ -316,6 +318,8 @@ def features_and_reference(reference: ImageSource, image_size: int,
                             options: EvaluationOptions) -> tuple[FeatureExtractor, ReferenceStatistics]:
     extractor = build_features(options.features, reference_is_shapes=reference.is_shapes, image_size=image_size,
                                cache_dir=options.cache_dir, device=resolve_device(options.device))
+    for warning in feature_warnings(extractor, reference):
+        logger.warning("%s", warning)
     return extractor, reference_statistics_for(reference, extractor, options)
 
 
@@ -361,6 +365,8 @@ def write_report(metrics: Mapping[str, Any], out: str) -> None:
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=1, default=str)
     with open(os.path.join(out, "metrics.md"), "w") as handle:
+        for warning in metrics.get("warnings") or ():
+            handle.write(f"> **WARNING**: {warning}\n\n")
         if "fid" in metrics:
             handle.write(markdown_table(metrics))
         if metrics.get("diagnostics"):

@@ -48,7 +48,7 @@ class SampleGrid(pl.Callback):
         self.every_n_steps = every_n_steps
         self.settings = SamplerSettings.of(sampling)
         self.prompts = list(prompts)
-        self.classes = list(classes)
+        self.classes = list(classes or ())  # null in the config: train.py derives them (ldm/training/preflight.py)
         self.samples_per_condition = samples_per_condition
         self._last_logged_step = -1
         self._fixed_conditions: dict[str, Any] | None = None  # concat models: conditions from a training batch

@@ -24,6 +24,7 @@ from ldm.training.preemption import (
     fault_tolerance_callbacks,
     find_resume_checkpoint,
 )
+from ldm.training.preflight import preflight
 from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 # LPIPS network stay in eval mode during training.
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-# ... and our data modules checkpoint the data position themselves (WebDataModule.state_dict): they resume
-warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
+# (Lightning's "dataloader is not resumable" is not silenced: EpochLoader says it resumes, which it does.)
 
 @dataclass
 class TrainResult:
@@ -48,6 +48,8 @@ class TrainResult:
 
 def train(cfg: DictConfig) -> TrainResult:
     """Fit the configured model; returns where the final checkpoint is."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    preflight(cfg, datamodule)  # seconds: before a stage-1 model is trained or a step taken
     if needs_first_stage(cfg.model):
         with open_dict(cfg):
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg, train)
@@ -64,7 +66,6 @@ def train(cfg: DictConfig) -> TrainResult:
         OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
 
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
     resolve_vocabulary(cfg, datamodule)  # model.conditioner.vocabulary=data: the train captions' tokens
     model = build_model(cfg.model)
     if cfg.get("init_from"):
