@@ -32,6 +32,7 @@ from ldm.models.concat_conditioners import (
     MaskedImageConditioner,
     SemanticMapConditioner,
     concat_parts,
+    condition_keys,
 )
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.devices import autocast_dtype, resolve_device
@@ -159,11 +160,8 @@ def condition_images(model: LatentDiffusion, batch: dict[str, Any], size: int) -
 def condition_rows(model: LatentDiffusion, batch: dict[str, Any], rows: int, repeat: int) -> dict[str, Any]:
     """The condition entries of a training batch's first `rows` rows, each repeated `repeat` times, on the CPU
     (the sample grids of concat models show the same conditions all run long)."""
-    keys = {model.conditioner.batch_key} | {key for part in concat_parts(model.conditioner)
-                                             for key in ((part.batch_key,) if isinstance(part.batch_key, str)
-                                                         else part.batch_key)}
     picked: dict[str, Any] = {}
-    for key in sorted(k for k in keys if k is not None):
+    for key in condition_keys(model.conditioner):
         value = batch[key][:rows]
         if isinstance(value, torch.Tensor):
             picked[key] = value.detach().cpu().repeat_interleave(repeat, dim=0)
