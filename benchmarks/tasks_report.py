@@ -3,6 +3,8 @@ baseline (ldm/evaluation/tasks.py), with the minutes spent training.
 
     python benchmarks/tasks_report.py                                     # size=small, 15 min per task (the real run)
     python benchmarks/tasks_report.py --minutes 0.3 --ae-minutes 0.2 --num-samples 8 --sample-steps 2   # smoke run
+    python benchmarks/tasks_report.py --max-steps 2 --ae-max-steps 2 --num-samples 8 --sample-steps 2   # the same,
+                                                      # bounded by steps (a loaded machine cannot overrun the budget)
 
 Per task: `train.py experiment=<task> size=small` with `trainer.max_time` = the budget (the stage-1 autoencoders,
 trained first with their own budget, are shared by the f=4 tasks), then `evaluate.py task=...` on the val split
@@ -51,9 +53,10 @@ def train_task(experiment: str, args: argparse.Namespace, out: Path) -> tuple[st
         f"experiment={experiment}", f"size={args.size}", "~callbacks.sample_grid", "logger=csv",
         f"paths.output_dir={out / 'runs' / experiment}", f"paths.log_dir={out / 'outputs'}",
         f"paths.cache_dir={args.cache}", f"paths.data_dir={args.data}", f"data.num_workers={args.workers}",
-        "trainer.max_steps=1000000", f"+trainer.max_time={minutes_string(args.minutes)}",
+        f"trainer.max_steps={args.max_steps}", f"+trainer.max_time={minutes_string(args.minutes)}",
         "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0",
-        (f"first_stage.overrides=['trainer.max_steps=1000000','+trainer.max_time={minutes_string(args.ae_minutes)}',"
+        (f"first_stage.overrides=['trainer.max_steps={args.ae_max_steps}',"
+         f"'+trainer.max_time={minutes_string(args.ae_minutes)}',"
          "'trainer.val_check_interval=1000000','trainer.limit_val_batches=0']"),
         *args.overrides,
     ]
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--minutes", type=float, default=15.0, help="stage-2 training budget per task")
     parser.add_argument("--ae-minutes", type=float, default=5.0, help="budget of each stage-1 autoencoder")
+    parser.add_argument("--max-steps", type=int, default=1_000_000, help="stage-2 step cap (smoke runs: 2)")
+    parser.add_argument("--ae-max-steps", type=int, default=1_000_000, help="stage-1 step cap (smoke runs: 2)")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "paper"])
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--sample-steps", type=int, default=20)

@@ -61,7 +61,7 @@ class LatentPipeline:
         num_samples: int | None,
         settings: SamplerSettings,
         *,
-        image_size: int,
+        image_size: int | Sequence[int],
         seed_offset: int = 0,
         init_images: Tensor | None = None,
         strength: float = 1.0,
@@ -70,23 +70,25 @@ class LatentPipeline:
         """Images in [-1, 1], one per row of the `conditions` batch (or `num_samples` for unconditional
         models). Sample i draws every random number (img2img posterior draw, initial noise, sampler noise)
         from a CPU generator seeded `settings.seed + seed_offset + i`, so it does not depend on the batch or
-        the device."""
+        the device. `image_size` is a side (square) or (height, width): the nets are convolutional, so a model
+        samples any size whose sides are multiples of its downsampling (image-conditioned tasks take the input's)."""
         batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
                  for key, value in conditions.items()}
         n = batch_length(batch) or num_samples
         if n is None:
             raise ValueError("generate() needs `conditions` (prompts or class labels) or `num_samples`.")
-        if image_size % self.downsampling_factor:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if height % self.downsampling_factor or width % self.downsampling_factor:
             raise ValueError(f"image_size={image_size} must be a multiple of the first stage's factor "
                              f"f={self.downsampling_factor}.")
-        size = image_size // self.downsampling_factor
-        cond, uncond = self.conditions(batch, n, (size, size), settings.cfg_scale)
+        size = (height // self.downsampling_factor, width // self.downsampling_factor)
+        cond, uncond = self.conditions(batch, n, size, settings.cfg_scale)
         generators = make_generators(settings.seed + seed_offset, n)
         init_latent = None
         if init_images is not None:
             init_latent = self.encode(init_images.to(self.device), generators)
         latents = sample(
-            self.denoiser, self.schedule, (n, self.latent_channels, size, size),
+            self.denoiser, self.schedule, (n, self.latent_channels, *size),
             cond=cond, uncond=uncond, prediction_type=self.prediction_type, generators=generators,
             init_latent=init_latent, strength=strength, progress=progress, device=self.device,
             **settings.sample_kwargs(),

@@ -260,7 +260,7 @@ class LatentDiffusion(pl.LightningModule):
         settings: SamplerSettings | dict | None = None,
         *,
         seed_offset: int = 0,
-        image_size: int | None = None,
+        image_size: int | Sequence[int] | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
         progress: bool = False,
@@ -269,7 +269,8 @@ class LatentDiffusion(pl.LightningModule):
         """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), or for a
         batch of conditions ({"caption": [...], "lowres": ..., "image": ..., "mask": ..., "semantic_map": ...}),
         sampled with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
-        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
+        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size. `image_size`:
+        a side or (height, width); default the training resolution."""
         return self.pipeline()(
             as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
             image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
