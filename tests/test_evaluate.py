@@ -185,11 +185,14 @@ def test_evaluate_config_composes_with_each_features_choice(features):
 def test_train_composes_the_evaluation_callback_beside_ldm_callbacks(tmp_path):
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=quickstart", "callbacks=[ldm,evaluation]",
+                                                      "callbacks.evaluation.cfg_scales=[1.5,3]",
                                                       f"paths.output_dir={tmp_path}"])
     assert list(cfg.callbacks) == ["model_checkpoint", "lr_monitor", "progress_log", "checkpoint_retention", "sample_grid",
                                    "evaluation"]
     callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
     assert isinstance(callback, EvaluationCallback)
+    assert [s.cfg_scale for s in callback.cfg_settings] == [1.5, 3.0]
+    assert {s.steps for s in callback.cfg_settings} == {cfg.sampling.steps}  # the run's other sampling settings
     assert data_identity(callback.data_identity)["resolution"] == cfg.data.resolution  # the cache key sees the data
     assert "num_workers" not in data_identity(callback.data_identity)
 
