@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.diagnostics import caption_diagnostics, diagnostics_rows
-from ldm.evaluation.feature_warnings import warnings_entry
+from ldm.evaluation.feature_warnings import feature_warnings, warnings_entry
 from ldm.evaluation.image_sources import ImageFolder, ImageSource, reference_images
 from ldm.inference.sampling import (
     conditions_for,
@@ -46,7 +46,7 @@ from ldm.metrics.clip_score import CLIPScore, build_clip_score, clip_score_metri
 from ldm.metrics.kid import kernel_inception_distance
 from ldm.metrics.published_stats import load_published_statistics
 from ldm.metrics.shapes_classifier import HEADS
-from ldm.models.concat_conditioners import concat_parts
+from ldm.models.concat_conditioners import concat_parts, condition_keys
 from ldm.utils.devices import autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -234,11 +234,7 @@ def evaluate_checkpoint(
     check_sample_count(num_samples, options)
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
-    if concat_parts(model.conditioner):
-        task = concat_parts(model.conditioner)[0].task
-        raise ValueError(f"ckpt={ckpt!r} is an image-conditioned model (task={task}): evaluate it with "
-                         f"`python evaluate.py task={task} ckpt=...`.")
-    conditions = evaluation_conditions(model, num_samples, reference.captions)
+    conditions = evaluation_conditions(model, num_samples, reference.captions)  # refuses image-conditioned models
     extractor, statistics = features_and_reference(reference, model.hparams.image_size, options)
     if options.clip_score is not None and model.conditioner.batch_key != "caption":
         raise ValueError("clip_score.enabled=true scores images against their prompts: this model has none.")
@@ -288,10 +284,22 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
     return metrics
 
 
-def evaluation_conditions(model: Any, num_samples: int,
-                          captions: Callable[[int], list[str]]) -> list[str | int | None]:
+def evaluation_conditions(model: Any, num_samples: int, captions: Callable[[int], list[str]],
+                          rows: Callable[[Sequence[str], int], list[dict[str, Any]]] | None = None) -> list[Any]:
     """One condition per sample: the first `num_samples` reference captions (repeated when there are
-    fewer), classes 0, 1, ... in turn (balanced), or None for unconditional models."""
+    fewer), classes 0, 1, ... in turn (balanced), or None for unconditional models. An image-conditioned
+    model (concat: low-res image, mask, semantic map) gets the reference's condition `rows` instead (a
+    DataSplitImages' `condition_rows`: the val samples' fields it is conditioned on, its caption included),
+    so its samples are drawn for the conditions of the very images they are compared with."""
+    if concat_parts(model.conditioner):
+        if rows is None:
+            task = concat_parts(model.conditioner)[0].task
+            raise ValueError(f"this checkpoint is an image-conditioned model (task={task}), evaluated on its "
+                             f"conditions: use `python evaluate.py task={task} ckpt=...`.")
+        found = rows(condition_keys(model.conditioner), num_samples)
+        if not found:
+            raise ValueError("the reference val split is empty: no conditions to evaluate the model on.")
+        return [found[i % len(found)] for i in range(num_samples)]
     key = model.conditioner.batch_key
     if key == "caption":
         prompts = [caption for caption in captions(num_samples) if caption]
@@ -303,6 +311,12 @@ def evaluation_conditions(model: Any, num_samples: int,
         labels = [i % model.conditioner.num_classes for i in range(num_samples)]
         return conditions_for(model, [], labels, 1)
     return conditions_for(model, [], [], num_samples)
+
+
+def condition_captions(conditions: Sequence[Any]) -> list[str]:
+    """The caption of each evaluation condition ("" for classes, unconditional and caption-less rows): the
+    prompts prompt fidelity judges the samples by."""
+    return [c if isinstance(c, str) else c.get("caption", "") if isinstance(c, Mapping) else "" for c in conditions]
 
 
 def checkpoint_global_step(path: str) -> int | None:

@@ -143,9 +143,15 @@ def truncated_prompts(model: LatentDiffusion, conditions: list[str | int | None]
     return cut
 
 
-def as_model_inputs(chunk: list[str | int | None]) -> list[str] | torch.Tensor | None:
+def as_model_inputs(chunk: list[Any]) -> list[str] | torch.Tensor | dict[str, Any] | None:
+    """A chunk of per-sample conditions as `generate()` takes them: prompts stay a list, class labels become a
+    tensor, condition rows of an image-conditioned model ({"lowres": (3, h, w), "caption": str, ...}) a batch
+    (tensors stacked, strings listed); None for unconditional models."""
     if chunk[0] is None:
         return None
+    if isinstance(chunk[0], Mapping):
+        return {key: torch.stack([row[key] for row in chunk]) if isinstance(chunk[0][key], torch.Tensor)
+                else [row[key] for row in chunk] for key in chunk[0]}
     if isinstance(chunk[0], str):
         return list(chunk)
     return torch.tensor(chunk, dtype=torch.long)
