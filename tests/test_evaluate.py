@@ -22,9 +22,9 @@ from ldm.evaluation.evaluate import (
     build_features,
     evaluate,
     evaluation_conditions,
-    markdown_table,
 )
 from ldm.evaluation.image_sources import ImageFolder, data_identity
+from ldm.evaluation.metrics_files import markdown_table
 from ldm.metrics import WeightsUnavailableError
 from ldm.metrics.shapes_classifier import (
     load_shapes_classifier_extractor,

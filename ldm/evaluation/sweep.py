@@ -30,10 +30,10 @@ from ldm.evaluation.evaluate import (
     evaluation_conditions,
     extract_features,
     features_and_reference,
-    markdown_table,
     metrics_of_features,
 )
 from ldm.evaluation.image_sources import ImageFolder, ImageSource
+from ldm.evaluation.metrics_files import markdown_table
 from ldm.inference.sampling import generate_to_dir
 from ldm.loading.checkpoints import load_latent_diffusion
 from ldm.metrics import manifold_membership
