@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # PYTEST_ARGS narrows a run, e.g. make test-fast PYTEST_ARGS='tests/test_cli.py -x'
+# TEST_WORKERS: pytest-xdist processes, whole files each (module fixtures train once); tests use 1 thread each
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the edit loop: everything but the end-to-end runs marked slow
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 quickstart: install
 	$(PY) train.py

@@ -3,6 +3,8 @@ baseline (ldm/evaluation/tasks.py), with the minutes spent training.
 
     python benchmarks/tasks_report.py                                     # size=small, 15 min per task (the real run)
     python benchmarks/tasks_report.py --minutes 0.3 --ae-minutes 0.2 --num-samples 8 --sample-steps 2   # smoke run
+    python benchmarks/tasks_report.py --smoke --out /tmp/tasks_smoke   # the whole path in minutes: 2 steps per stage,
+                                         # 8 samples of 2 steps, a 20-step shapes classifier (numbers meaningless)
 
 Per task: `train.py experiment=<task> size=small` with `trainer.max_time` = the budget (the stage-1 autoencoders,
 trained first with their own budget, are shared by the f=4 tasks), then `evaluate.py task=...` on the val split
@@ -51,9 +53,10 @@ def train_task(experiment: str, args: argparse.Namespace, out: Path) -> tuple[st
         f"experiment={experiment}", f"size={args.size}", "~callbacks.sample_grid", "logger=csv",
         f"paths.output_dir={out / 'runs' / experiment}", f"paths.log_dir={out / 'outputs'}",
         f"paths.cache_dir={args.cache}", f"paths.data_dir={args.data}", f"data.num_workers={args.workers}",
-        "trainer.max_steps=1000000", f"+trainer.max_time={minutes_string(args.minutes)}",
+        f"trainer.max_steps={args.max_steps}", f"+trainer.max_time={minutes_string(args.minutes)}",
         "trainer.val_check_interval=1000000", "trainer.limit_val_batches=0",
-        (f"first_stage.overrides=['trainer.max_steps=1000000','+trainer.max_time={minutes_string(args.ae_minutes)}',"
+        (f"first_stage.overrides=['trainer.max_steps={args.ae_max_steps}',"
+         f"'+trainer.max_time={minutes_string(args.ae_minutes)}',"
          "'trainer.val_check_interval=1000000','trainer.limit_val_batches=0']"),
         *args.overrides,
     ]
@@ -67,13 +70,26 @@ def train_task(experiment: str, args: argparse.Namespace, out: Path) -> tuple[st
     return result.last_ckpt, minutes, trained_stage_one
 
 
+SMOKE = {"minutes": 1.0, "ae_minutes": 1.0, "max_steps": 2, "ae_max_steps": 2, "num_samples": 8, "sample_steps": 2,
+         "classifier_steps": 20}
+
+
+def features(args: argparse.Namespace) -> dict:
+    """The shapes-CNN extractor; a classifier trained for other than the default steps gets its own file, so a
+    smoke run's weak classifier never stands in for the real one in the shared cache."""
+    if args.classifier_steps is None:
+        return {"name": "shapes_cnn"}
+    return {"name": "shapes_cnn", "steps": args.classifier_steps,
+            "weights_path": f"{args.cache}/metrics/shapes_classifier_64px_{args.classifier_steps}steps.safetensors"}
+
+
 def evaluate(kind: str, ckpt: str, args: argparse.Namespace, out: Path) -> dict:
     data = {"_target_": "ldm.data.webdataset.ShapesDataModule", "root": f"{args.data}/shapes_64px", "resolution": 64,
             "batch_size": 32, "num_workers": args.workers}
     return evaluate_task(kind, str(out), ckpt, data, num_samples=args.num_samples,
                          sampling={"sampler": "dpmpp_2m", "steps": args.sample_steps, "cfg_scale": args.cfg_scale},
                          batch_size=32,
-                         features={"name": "shapes_cnn"}, cache_dir=f"{args.cache}/metrics")
+                         features=features(args), cache_dir=f"{args.cache}/metrics")
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -97,10 +113,15 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--minutes", type=float, default=15.0, help="stage-2 training budget per task")
     parser.add_argument("--ae-minutes", type=float, default=5.0, help="budget of each stage-1 autoencoder")
+    parser.add_argument("--max-steps", type=int, default=1_000_000, help="stage-2 step cap (smoke runs: 2)")
+    parser.add_argument("--ae-max-steps", type=int, default=1_000_000, help="stage-1 step cap (smoke runs: 2)")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "paper"])
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--classifier-steps", type=int, default=None,
+                        help="train the shapes classifier for this many steps (default: its own, 400)")
+    parser.add_argument("--smoke", action="store_true", help=f"check the whole path in minutes: {SMOKE}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/tasks")
@@ -108,6 +129,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="data directory (default: <out>/data)")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every task")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     args.cache = args.cache or str(out / "cache")

@@ -4,8 +4,8 @@
 
 Each image becomes ``{key}.{jpg|png|webp}`` (bytes copied, not re-encoded), ``{key}.txt`` (the caption from
 a same-named ``.txt`` beside the image, empty if none), ``{key}.json`` (source path, size) and, with
-``--classes-from-dirs``, ``{key}.cls`` (index of the parent folder in sorted order). Writes
-``train-NNNNNN.tar`` / ``val-NNNNNN.tar`` plus ``sizes.json`` and prints the brace URLs to train on.
+``--classes-from-dirs``, ``{key}.cls`` (index of the parent folder in sorted order; the folders are listed in
+``classes.json``). Writes ``train-NNNNNN.tar`` / ``val-NNNNNN.tar`` plus ``sizes.json`` and prints the brace URLs.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from PIL import Image
 
-from ldm.data.shards import update_sizes, write_shard
+from ldm.data.shards import update_sizes, write_classes, write_shard
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         if paths:
             urls = write_split(paths, split, args, classes)
             print(f"{split}: {len(paths)} images -> {urls}")
+    if classes is not None:  # the class count train.py reads (model.conditioner.num_classes=null)
+        write_classes(args.output_dir, [os.path.relpath(folder, args.input_dir) for folder in folders])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

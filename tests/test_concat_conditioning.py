@@ -199,3 +199,23 @@ def test_init_from_text_model_zero_initialises_the_extra_input_channels(tmp_path
     cond = inpaint.conditioning(batch, None, latent_size=(8, 8))
     # the inpainting model starts as the text-to-image one: the concat channels have no effect yet
     torch.testing.assert_close(inpaint(z, t, cond), text(z, t, text.conditioning(batch, None, latent_size=(8, 8))))
+
+
+def test_init_from_with_use_ema_takes_the_text_encoders_ema_into_the_composite(tmp_path):
+    torch.manual_seed(0)
+    text = LatentDiffusion(unet={**UNET, "context_dim": 32}, conditioner=TEXT, first_stage=FIRST_STAGE, image_size=32,
+                           scale_factor=0.7, ema_decay=0.9)
+    with torch.no_grad():  # the EMA shadows differ from the raw weights, so the test sees which ones were taken
+        for shadow in text.ema.shadows():
+            shadow.add_(0.05 * torch.randn_like(shadow))
+    path = tmp_path / "text.ckpt"
+    torch.save({"hyper_parameters": dict(text.hparams), "state_dict": text.state_dict()}, path)
+    inpaint = build(composite())
+    load_weights_into(inpaint, str(path), use_ema=True)
+    with text.ema_weights():
+        assert torch.equal(inpaint.conditioner.parts["text"].token_embedding.weight,
+                           text.conditioner.token_embedding.weight)
+        for name, value in inpaint.conditioner.parts["text"].state_dict().items():
+            assert torch.equal(value, text.conditioner.state_dict()[name]), name
+        assert torch.equal(inpaint.unet.input_blocks[0][0].weight[:, :4], text.unet.input_blocks[0][0].weight)
+        assert torch.equal(inpaint.unet.out[-1].weight, text.unet.out[-1].weight)

@@ -1,6 +1,7 @@
 """evaluate.py end to end as a user runs it (a folder, a tiny checkpoint, the data config), its errors,
 the reference-statistics cache, and EvaluationCallback inside a short training run."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,21 +14,24 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
 from ldm.data.shapes import render_sample
 from ldm.evaluation.evaluate import (
     build_features,
+    evaluate,
     evaluation_conditions,
-    markdown_table,
 )
 from ldm.evaluation.image_sources import ImageFolder, data_identity
+from ldm.evaluation.metrics_files import markdown_table
 from ldm.metrics import WeightsUnavailableError
 from ldm.metrics.shapes_classifier import (
     load_shapes_classifier_extractor,
     save_shapes_classifier,
     train_shapes_classifier,
 )
+from ldm.models.concat_conditioners import LowResConditioner
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.training.callbacks import EvaluationCallback
 
@@ -184,11 +188,14 @@ def test_evaluate_config_composes_with_each_features_choice(features):
 def test_train_composes_the_evaluation_callback_beside_ldm_callbacks(tmp_path):
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=quickstart", "callbacks=[ldm,evaluation]",
+                                                      "callbacks.evaluation.cfg_scales=[1.5,3]",
                                                       f"paths.output_dir={tmp_path}"])
     assert list(cfg.callbacks) == ["model_checkpoint", "lr_monitor", "progress_log", "checkpoint_retention", "sample_grid",
                                    "evaluation"]
     callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
     assert isinstance(callback, EvaluationCallback)
+    assert [s.cfg_scale for s in callback.cfg_settings] == [1.5, 3.0]
+    assert {s.steps for s in callback.cfg_settings} == {cfg.sampling.steps}  # the run's other sampling settings
     assert data_identity(callback.data_identity)["resolution"] == cfg.data.resolution  # the cache key sees the data
     assert "num_workers" not in data_identity(callback.data_identity)
 
@@ -217,6 +224,17 @@ def test_conditions_balance_classes_and_cycle_captions():
     with pytest.raises(ValueError, match="no captions"):
         evaluation_conditions(text_model, 5, lambda n: ["", ""])
     assert evaluation_conditions(SimpleNamespace(conditioner=SimpleNamespace(batch_key=None)), 3, list) == [None] * 3
+
+
+def test_image_conditioned_models_need_condition_rows(shapes_folders):
+    model = SimpleNamespace(conditioner=LowResConditioner(factor=4))
+    with pytest.raises(ValueError, match="python evaluate.py task=sr ckpt="):
+        evaluation_conditions(model, 3, list)  # no rows: a folder or a plain evaluate.py run
+    rows = [{"lowres": torch.full((3, 2, 2), float(i))} for i in range(2)]
+    found = evaluation_conditions(model, 3, list, rows=lambda keys, n: rows if list(keys) == ["lowres"] else [])
+    assert [float(row["lowres"][0, 0, 0]) for row in found] == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="holds images only, no lowres"):
+        ImageFolder(shapes_folders["real"], "real_dir").condition_rows(["lowres"])
 
 
 def test_markdown_table_names_the_features():
@@ -269,6 +287,63 @@ def test_callback_logs_metrics_at_each_evaluation_step(tmp_path, classifier_path
     assert len(os.listdir(tmp_path / "cache")) == 1  # reference statistics computed once
 
 
+def fit_with(callback: EvaluationCallback, model: LatentDiffusion, datamodule, tmp_path, max_steps: int = 2):
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv", version=""),
+                         callbacks=[callback], limit_val_batches=0, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
+
+
+def test_callback_cfg_curve_logs_each_scale_and_equals_a_single_evaluation(tmp_path, classifier_path):
+    torch.manual_seed(0)
+    common = dict(num_samples=6, batch_size=4, features={"name": "shapes_cnn", "weights_path": classifier_path},
+                  num_real=12, cache_dir=str(tmp_path / "cache"))
+    callback = EvaluationCallback(every_n_steps=2, sampling={"steps": 2, "cfg_scale": 3.0}, cfg_scales=[1, 3], **common)
+    model = LatentDiffusion(**TINY_MODEL)
+    trainer = fit_with(callback, model, CaptionedShapes(), tmp_path)
+    (entry,) = callback.history  # step 2; the end of training is the same step
+    assert [record["setting"]["cfg_scale"] for record in entry["cfg_curve"]] == [1, 3]
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        header = set(handle.readline().strip().split(","))
+    assert {f"eval/{key}@cfg{scale}" for key in ("fid", "precision", "recall", "prompt_fidelity_all", "seconds_per_image")
+            for scale in (1, 3)} <= header and "eval/fid" in header
+    table = (tmp_path / "eval" / "cfg_step0000002.md").read_text()
+    assert table.count("\n| ddim | 2 |") == 2 and os.path.getsize(tmp_path / "eval" / "cfg_step0000002.png") > 0
+    at_three = entry["cfg_curve"][1]
+    assert at_three["fid"] == entry["fid"]  # the run's own setting is drawn once
+    single = EvaluationCallback(every_n_steps=100, sampling={"steps": 2, "cfg_scale": 1.0}, **common)
+    single.on_fit_start(trainer, model)
+    alone = single.evaluate(trainer, model)  # the same weights, a plain evaluation at cfg 1
+    at_one = entry["cfg_curve"][0]
+    assert at_one["fid"] != at_three["fid"]
+    for key in ("fid", "kid", "precision", "recall", "density", "coverage", "prompt_fidelity_all"):
+        assert at_one[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+
+
+def test_callback_evaluates_an_image_conditioned_model_on_the_val_conditions(tmp_path, classifier_path):
+    """Text + inpainting (a Composite with a concat part): sampled for each val sample's own mask and image."""
+    torch.manual_seed(0)
+    datamodule = CaptionedShapes(count=8)
+    for index, sample in enumerate(datamodule.samples):
+        sample["mask"] = torch.zeros(1, RESOLUTION, RESOLUTION)
+        sample["mask"][:, index:index + 12, 4:20] = 1
+    inpaint = {"_target_": "ldm.models.concat_conditioners.Composite", "_convert_": "all",
+               "parts": {"text": TINY_MODEL["conditioner"],
+                         "inpaint": {"_target_": "ldm.models.concat_conditioners.MaskedImageConditioner"}}}
+    unet = {key: value for key, value in TINY_MODEL["unet"].items() if key not in ("in_channels", "out_channels")}
+    model = LatentDiffusion(**{**TINY_MODEL, "unet": unet, "conditioner": inpaint})
+    callback = EvaluationCallback(every_n_steps=2, num_samples=6, sampling={"steps": 2, "cfg_scale": 3.0}, batch_size=4,
+                                  features={"name": "shapes_cnn", "weights_path": classifier_path}, num_real=8,
+                                  cache_dir=str(tmp_path / "cache"))
+    fit_with(callback, model, datamodule, tmp_path)
+    assert [entry["step"] for entry in callback.history] == [2]
+    assert callback.history[0]["num_samples"] == 6 and callback.history[0]["prompt_fidelity_all"] is not None
+    for condition, sample in zip(callback._conditions, datamodule.samples):  # val order, each with its caption
+        assert torch.equal(condition["mask"], sample["mask"]) and torch.equal(condition["image"], sample["image"])
+        assert condition["caption"] == sample["caption"]
+
+
 def test_callback_missing_weights_stop_the_run_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     callback = EvaluationCallback(every_n_steps=1, num_samples=6, features="inception_v3", cache_dir=str(tmp_path))
@@ -306,3 +381,25 @@ def test_sweep_equals_single_runs_shares_seeds_and_plots(tmp_path, classifier_pa
     metrics = read_metrics(tmp_path / "single")
     for key in ("fid", "kid", "precision", "recall", "density", "coverage", "prompt_fidelity_color"):
         assert records[2][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_shapes_features_on_other_images_warn_in_the_log_and_both_reports(tmp_path, classifier_path, shapes_folders,
+                                                                         caplog):
+    """The shapes CNN judging images that are not shapes: said in the log, metrics.json and metrics.md; on shapes
+    images (a real_dir of them, known by their captions) nothing is said."""
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        Image.fromarray(rng.integers(0, 255, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)).save(noise / f"{index}.png")
+    features = {"name": "shapes_cnn", "weights_path": classifier_path}
+    with caplog.at_level(logging.WARNING, logger="ldm.evaluation.evaluate"):
+        metrics = evaluate(str(tmp_path / "out"), fake_dir=shapes_folders["real"], real_dir=str(noise),
+                           features=features, cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert "features=shapes_cnn on images that are not the built-in shapes data" in metrics["warnings"][0]
+    assert "trained on shapes only" in caplog.text
+    assert read_metrics(tmp_path / "out")["warnings"] == metrics["warnings"]
+    assert (tmp_path / "out" / "metrics.md").read_text().startswith("> **WARNING**: features=shapes_cnn")
+    same = evaluate(str(tmp_path / "same"), fake_dir=shapes_folders["other"], real_dir=shapes_folders["real"],
+                    features=features, cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert "warnings" not in same

@@ -270,6 +270,7 @@ def nan_overrides(name: str, batches: list[int], prefixes: list[str]) -> list[st
 def test_latent_diffusion_skips_nonfinite_steps_and_stops_after_too_many_in_a_row(tmp_path, data_dir,
                                                                                   first_stage_ckpt):
     overrides = [*ldm_overrides(tmp_path, data_dir, first_stage_ckpt, "nan", 0), "trainer.max_steps=10",
+                 "cache_latents=false",  # the faults are injected into the image batches
                  "model.max_nonfinite_steps=3", *nan_overrides("ldm", [1, 3, 4, 5], ["unet.", "conditioner."])]
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
         run_train(overrides)
@@ -450,6 +451,7 @@ class InjectInf(pl.Callback):
 
 def test_an_inf_image_in_the_first_batch_does_not_poison_scale_factor(tmp_path, data_dir, first_stage_ckpt):
     overrides = [*ldm_overrides(tmp_path, data_dir, first_stage_ckpt, "inf", 0), "trainer.max_steps=3",
+                 "cache_latents=false",  # the inf is injected into the first image batch
                  "model.max_nonfinite_steps=2", "+callbacks.inf._target_=test_fault_tolerance.InjectInf"]
     with pytest.warns(UserWarning, match="NaN/inf latents"):
         result = run_train(overrides)

@@ -150,3 +150,26 @@ def test_your_own_data_commands_run_as_printed(shards_here):
     trained = run_in_bash(f"{train.split('#')[0].strip()} {tiny}", shards_here)
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
     assert list(shards_here.glob("ldm_home/outputs/ae_kl_f8/runs/*/checkpoints/last.ckpt"))
+
+
+@pytest.mark.slow
+def test_digits_walkthrough_runs_as_printed(tmp_path):
+    """README "A small class-labelled set": the shards command (fewer images, appended flags win) and the training
+    command as printed, cut to one step per stage; num_classes, grid classes and UNet depth come from the data."""
+    make_digits, train = readme_block("A small class-labelled set (digits: classes 0–9, 32 px, f = 4)")
+    for name in ("train.py", "data"):
+        (tmp_path / name).symlink_to(REPO / name)
+    made = run_in_bash(f"{make_digits.split('#')[0].strip()} --num-train 16 --num-val 4 --samples-per-shard 8",
+                       tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    tiny = ("size=tiny data.batch_size=4 data.num_workers=0 trainer.max_steps=1 trainer.val_check_interval=1 "
+            "trainer.limit_val_batches=1 sampling.steps=2 callbacks.sample_grid.samples_per_condition=1 "
+            "\"first_stage.overrides=['trainer.max_steps=1','trainer.val_check_interval=1','data.batch_size=4',"
+            "'model.loss.perceptual_weight=0']\" after_training={}")
+    trained = run_in_bash(f"{train} {tiny}", tmp_path)
+    log = trained.stdout + trained.stderr
+    assert trained.returncode == 0, log[-3000:]
+    assert "num_classes = 10, from digits/classes.json" in log
+    assert "using channel_mult=[1, 2], attention_resolutions=[2]" in log
+    assert "callbacks.sample_grid.classes = [0, 3, 6, 9]" in log
+    assert list(tmp_path.glob("ldm_home/outputs/ldm_f4_class/runs/*/images/samples_step0000001.png"))

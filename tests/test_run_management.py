@@ -7,6 +7,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from ldm.training import loggers
 from ldm.training.loggers import WANDB_ID_FILE, build_loggers, wandb_run_id
 from ldm.training.pipeline import train
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
@@ -73,3 +74,17 @@ def test_wandb_offline_run_keeps_its_id_and_gets_the_config(tmp_path, monkeypatc
     run_id = wandb_run_id(str(tmp_path))
     (record,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")  # the offline run is ours
     assert b"batch_size" in record.read_bytes()  # the config reached the run's records
+
+
+def test_tensorboard_logger_composes_beside_csv_and_names_its_package_when_missing(tmp_path, monkeypatch):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=[csv,tensorboard]", f"paths.output_dir={tmp_path}"])
+    assert set(cfg.logger) == {"csv", "tensorboard"}
+    assert cfg.logger.tensorboard.save_dir == str(tmp_path) and cfg.logger.tensorboard.name == "tensorboard"
+    monkeypatch.setattr(loggers, "tensorboard_available", lambda: False)
+    with pytest.raises(loggers.LoggerUnavailableError, match=r"needs the `tensorboard` package.*\[tensorboard\]"):
+        build_loggers(cfg.logger, str(tmp_path))
+    monkeypatch.undo()
+    if loggers.tensorboard_available():  # with the package: event files in <run dir>/tensorboard, like csv/
+        csv_logger, tensorboard = build_loggers(cfg.logger, str(tmp_path))
+        assert tensorboard.log_dir == str(tmp_path / "tensorboard")

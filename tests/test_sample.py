@@ -71,6 +71,8 @@ def test_sample_py_writes_pngs_grid_and_records(tmp_path, text_ckpt):
         assert image.size == (32, 32)
     with Image.open(out / "grid.png") as grid:  # one row of n=3 images with 2-px padding
         assert grid.size == (2 + 3 * 34, 2 + 34)
+    # per-step progress is logged, so it reaches a pipe (capture_output: no terminal): 2 batches x 3 steps
+    assert "sampling batch 2/2 | step 3/3" in proc.stdout + proc.stderr
 
 
 def test_each_sample_is_its_own_seed_whatever_the_batch(tmp_path, text_ckpt):
@@ -142,3 +144,51 @@ def test_a_prompt_longer_than_the_context_is_warned_and_its_truncation_recorded(
     assert "prompt_truncated_to" not in saved[0] and saved[0] == records[0]
     kept = saved[1]["prompt_truncated_to"]
     assert long_prompt.startswith(kept[:40]) and len(model.conditioner.tokenizer.encode(kept)) == 75
+
+
+def _generate(model, prompt: str, cfg_scale: float, **kwargs) -> torch.Tensor:
+    return model.generate([prompt] * 2, settings=SamplerSettings("ddim", steps=2, cfg_scale=cfg_scale, seed=3),
+                          **kwargs)
+
+
+def test_negative_prompt_replaces_the_empty_prompt_in_guidance(text_ckpt):
+    model = load_latent_diffusion(text_ckpt, use_ema=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # cross-attention's zero-initialised output projection: make the text matter
+        for p in model.unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    prompt, negative = "a red circle", "a blue square at the top"
+    default = _generate(model, prompt, 3.0)
+    # the empty prompt is the text models' null condition: as a negative prompt it changes nothing
+    assert torch.equal(_generate(model, prompt, 3.0, negative_prompt=""), default)
+    with_negative = _generate(model, prompt, 3.0, negative_prompt=negative)
+    assert (with_negative - default).abs().mean() > 3e-4  # float rounding of batched kernels: ~1e-7
+    # out = out(neg) + s (out(prompt) - out(neg)): at s = 0 only out(neg) is left, i.e. sampling the negative
+    # prompt itself without guidance (equal up to the batched [uncond; cond] forward's rounding)
+    torch.testing.assert_close(_generate(model, prompt, 0.0, negative_prompt=negative),
+                               _generate(model, negative, 1.0), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="negative_prompt needs classifier-free guidance"):
+        _generate(model, prompt, 1.0, negative_prompt=negative)
+
+
+def test_negative_prompt_is_refused_by_a_class_model(class_ckpt):
+    model = load_latent_diffusion(class_ckpt)
+    with pytest.raises(ValueError, match="negative_prompt applies to text-conditioned models only"):
+        model.generate(torch.tensor([1]), settings=SamplerSettings("ddim", steps=1, cfg_scale=2), negative_prompt="x")
+
+
+def test_height_and_width_set_the_image_shape_and_must_fit_the_factor(tmp_path, text_ckpt, caplog):
+    model = load_latent_diffusion(text_ckpt)
+    settings = SamplerSettings("ddim", steps=2, cfg_scale=2)
+    with caplog.at_level("INFO", logger="ldm.inference.sampling"):
+        records = generate_to_dir(model, ["a red circle"], str(tmp_path / "out"), settings, height=16, width=40,
+                                  negative_prompt="a green triangle", progress=True)
+    with Image.open(tmp_path / "out" / "00000.png") as image:
+        assert image.size == (40, 16)  # PIL: (width, height)
+    assert records[0]["height"] == 16 and records[0]["width"] == 40
+    assert records[0]["negative_prompt"] == "a green triangle"
+    assert "sampling batch 1/1 | step 2/2" in caplog.text
+    assert model.generate(["a"], settings=settings, image_size=(8, 12)).shape == (1, 3, 8, 12)
+    with pytest.raises(ValueError, match="height=15 must be a positive multiple of the first stage's factor f=2"):
+        generate_to_dir(model, ["a red circle"], str(tmp_path / "bad"), settings, height=15)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

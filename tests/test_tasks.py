@@ -142,6 +142,31 @@ def test_bad_task_inputs_are_clear_errors(case, task, kwargs, message, checkpoin
     assert message in str(error.value)
 
 
+def test_tasks_sample_non_square_inputs_at_their_aspect(checkpoints, tmp_path):
+    """A 32x64 (H x W) input gives 32x64 samples (SR: an 8x16 low-res image x4; inpainting: image and mask); a
+    side that the model's downsampling (8 or more: f = 4 and a UNet level) does not divide is refused with the
+    multiple to use."""
+    height, width = RES, RES * 2
+    image = np.zeros((height, width, 3), np.uint8)
+    image[8:20, 10:40] = (220, 20, 20)
+    mask = np.zeros((height, width), np.uint8)
+    mask[4:16, 4:36] = 255
+    files = {"image": Image.fromarray(image), "mask": Image.fromarray(mask, mode="L"),
+             "lowres": Image.fromarray(image).resize((width // 4, height // 4), Image.BICUBIC),
+             "odd": Image.fromarray(image[:, :36]).resize((9, height // 4), Image.BICUBIC)}
+    paths = {name: str(tmp_path / f"{name}.png") for name in files}
+    for name, picture in files.items():
+        picture.save(paths[name])
+    arguments = {"sr": {"image": paths["lowres"]}, "inpaint": {"image": paths["image"], "mask": paths["mask"]}}
+    for task, kwargs in arguments.items():
+        prompts = ["a red square"] if task == "inpaint" else []
+        sample_task(checkpoints[task], str(tmp_path / task), task, prompts=prompts, n=1, sampling={"steps": 1}, **kwargs)
+        with Image.open(tmp_path / task / "00000.png") as sample:
+            assert sample.size == (width, height), task
+    with pytest.raises(ValueError, match="a side not a multiple of"):  # 8x9 low-res -> 32x36: 36 is no multiple of 8
+        sample_task(checkpoints["sr"], str(tmp_path / "odd"), "sr", image=paths["odd"], n=1, sampling={"steps": 1})
+
+
 @pytest.mark.slow
 def test_concat_checkpoint_sampled_without_its_condition_exits_with_the_fix(checkpoints, inputs, tmp_path):
     proc = run_sample(f"ckpt={checkpoints['inpaint']}", "prompt=a red square", "sampling.steps=1", f"out={tmp_path}/out")

@@ -21,7 +21,8 @@ def main(cfg: DictConfig) -> None:
     """`python -m ldm.cli.encode_latents first_stage_ckpt=PATH data=... out=DIR` (configs/encode_latents.yaml)."""
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     meta = encode_latents(cfg.first_stage_ckpt, datamodule, cfg.out, batch_size=cfg.batch_size,
-                          device=str(resolve_device(cfg.device)), splits=tuple(cfg.splits))
+                          device=str(resolve_device(cfg.device)), splits=tuple(cfg.splits),
+                          flip=bool(cfg.get("flip", False)))
     log.info("encoded %s with %s -> %s/%s", OmegaConf.to_container(cfg.splits), meta["first_stage"]["checkpoint"],
              cfg.out, META_FILE)
 

@@ -26,7 +26,8 @@ from ldm.utils.files import CorruptCheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("evaluate")
 SETTINGS = ("ckpt", "fake_dir", "real_dir", "num_samples", "num_real", "k", "density_k", "cache_dir",
-            "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples")
+            "feature_batch_size", "batch_size", "use_ema", "device", "precision", "diagnostics", "diagnostics_samples",
+            "reference_stats")
 
 
 @hydra_entry("evaluate", "evaluate.py", user_errors=(ValueError, FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError, WeightsUnavailableError))
@@ -41,13 +42,16 @@ def main(cfg: DictConfig) -> None:
         log.info("task=%s -> %s", cfg.task, task_metrics(cfg))
         return
     metrics = evaluate(cfg.out, data=cfg.get("data"), features=OmegaConf.to_container(cfg.features, resolve=True),
-                       sampling=_sampling(cfg), **{key: cfg[key] for key in SETTINGS})
-    log.info("%s = %.4f, precision = %.4f, recall = %.4f -> %s/metrics.json",
-             metrics["fid_name"], metrics["fid"], metrics["precision"], metrics["recall"], cfg.out)
+                       sampling=_sampling(cfg), clip_score=OmegaConf.to_container(cfg.clip_score, resolve=True),
+                       **{key: cfg[key] for key in SETTINGS})
+    shown = {key: metrics.get(key) for key in ("precision", "recall", "clip_score") if metrics.get(key) is not None}
+    log.info("%s = %.4f, %s -> %s/metrics.json", metrics["fid_name"], metrics["fid"],
+             ", ".join(f"{key} = {value:.4f}" for key, value in shown.items()), cfg.out)
 
 
-def sweep_of_settings(cfg: DictConfig) -> str:
-    """`sweep.cfg_scale=[...] sweep.steps=[...] sweep.sampler=[...]`: one checkpoint at every combination."""
+def sweep_of_settings(cfg: DictConfig, settings_list: list[SamplerSettings] | None = None) -> str:
+    """`sweep.cfg_scale=[...] sweep.steps=[...] sweep.sampler=[...]`: one checkpoint at every combination
+    (or at `settings_list`, for callers with a list that is not a grid: benchmarks/sampling.py)."""
     if not cfg.ckpt:
         raise ValueError("a sweep samples a checkpoint: pass ckpt=PATH with the sweep.* lists.")
     settings = {key: cfg[key] for key in SETTINGS}
@@ -58,7 +62,7 @@ def sweep_of_settings(cfg: DictConfig) -> str:
     grid = {key: list(values) for key, values in cfg.sweep.items() if values}
     sweep_checkpoint(cfg.ckpt, reference_images(cfg.get("data"), settings["real_dir"]), cfg.out, grid,
                      num_samples=cfg.num_samples, base=base, options=options, batch_size=cfg.batch_size,
-                     use_ema=cfg.use_ema, precision=cfg.precision)
+                     use_ema=cfg.use_ema, precision=cfg.precision, settings=settings_list)
     return os.path.join(cfg.out, "sweep.md")
 
 
@@ -67,7 +71,7 @@ def task_metrics(cfg: DictConfig) -> str:
     if not cfg.ckpt:
         raise ValueError(f"task={cfg.task} needs ckpt=PATH (the checkpoint to sample).")
     settings = {key: cfg[key] for key in SETTINGS if key not in ("ckpt", "fake_dir", "real_dir", "diagnostics",
-                                                                  "diagnostics_samples")}
+                                                                  "diagnostics_samples", "reference_stats")}
     metrics = evaluate_task(cfg.task, cfg.out, cfg.ckpt, cfg.data, sampling=_sampling(cfg),
                             features=OmegaConf.to_container(cfg.features, resolve=True), **settings)
     shown = {key: value for key, value in metrics.items() if isinstance(value, float)}

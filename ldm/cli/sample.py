@@ -25,13 +25,17 @@ def main(cfg: DictConfig) -> None:
                   class_labels=_labels(cfg.class_label), n=cfg.n, batch_size=cfg.batch_size,
                   sampling=OmegaConf.to_container(cfg.sampling, resolve=True), use_ema=cfg.use_ema,
                   device=cfg.device, precision=cfg.precision)
+    extra = dict(negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width)
     if cfg.task:
+        if any(value is not None for value in extra.values()):
+            raise ValueError("negative_prompt= / height= / width= apply to prompt / class sampling, not to task=: "
+                             "a task's size is its input image's.")
         records = sample_task(cfg.ckpt, cfg.out, cfg.task, image=cfg.image, mask=cfg.mask,
                               semantic_map=cfg.map, strength=cfg.strength, **common)
     else:
         if cfg.image or cfg.mask or cfg.map:
             raise ValueError("image= / mask= / map= need task=img2img|sr|inpaint|semantic.")
-        records = sample_checkpoint(cfg.ckpt, cfg.out, **common)
+        records = sample_checkpoint(cfg.ckpt, cfg.out, **common, **extra, progress=cfg.progress)
     log.info("Wrote %d samples, grid.png and samples.json to %s", len(records), cfg.out)
 
 

@@ -7,12 +7,13 @@ from ldm.cli.cost import cpu_cost_warning
 from ldm.cli.entry import hydra_entry
 from ldm.training.distributed import hydra_ddp_job
 from ldm.training.extras import apply_extras
+from ldm.training.loggers import LoggerUnavailableError
 from ldm.training.pipeline import optimized_metric, train
 
 log = logging.getLogger("train")
 
 
-@hydra_entry("train", "train.py")
+@hydra_entry("train", "train.py", user_errors=(LoggerUnavailableError,))
 def main(cfg: DictConfig) -> float | None:
     """Returns `optimized_metric` (set by hparams_search configs) for sweepers such as Optuna."""
     apply_extras(cfg)

@@ -11,8 +11,14 @@ DataModule's machinery (same rank / worker split, equal steps per rank, exact re
     python train.py experiment=ldm_f8_text data=latents data.root=DIR data.resolution=256 model.first_stage_ckpt=PATH
 
 The cache records which autoencoder made it (sha256 of its weights, factor, latent channels); training
-refuses a cache whose autoencoder is not the model's first stage. Images are centre-cropped and not
-flipped when encoded: random-crop / flip augmentation is given up for the speed.
+refuses a cache whose autoencoder is not the model's first stage. Images are centre-cropped when encoded:
+random-crop augmentation is given up for the speed (for square images at the data resolution, such as
+`shapes`, the crop is the whole image and nothing is lost). Flips: `flip=True` also stores each image's mirror
+image's posterior (`mean_flip.npy`, `std_flip.npy`: twice the encoding and the disk), and a reader with
+`flip=True` picks one of the two per sample and epoch, seeded by (seed, epoch, key) like the image flips.
+
+`train.py` builds and reuses such a cache by itself for stage 2 (`cache_latents`, ldm/training/latents_once.py):
+`train_from_cache` points an image data module's train split at it and leaves its val split on the images.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,15 +87,19 @@ def read_cache_meta(root: str) -> dict[str, Any]:
     return meta
 
 
-def decode_latent_sample(raw: dict, epoch: int = 0, num_classes: int | None = None) -> dict:
+def decode_latent_sample(raw: dict, epoch: int = 0, num_classes: int | None = None, seed: int = 0,
+                         flip: bool = False) -> dict:
     """One batch row (`latent_mean`, `latent_std`, `caption`, `class_label`, `key`) from a latent shard sample;
-    captions and classes are checked as for images (`decode_caption`, `decode_class_label`)."""
+    captions and classes are checked as for images (`decode_caption`, `decode_class_label`). `flip`: the
+    mirror image's posterior with probability 1/2 where the cache holds one (`encode_latents(..., flip=True)`)."""
     key = raw.get("__key__", "?")
     missing = [field for field in ("mean.npy", "std.npy", "txt", "cls") if field not in raw]
     if missing:
         raise CorruptSample(f"latent sample {key!r} in {raw.get('__url__')} lacks {missing}")
+    flipped = flip and "mean_flip.npy" in raw and random.Random(f"{seed}/{epoch}/{key}").random() < 0.5
+    fields = ("mean_flip.npy", "std_flip.npy") if flipped else ("mean.npy", "std.npy")
     try:
-        mean, std = (torch.from_numpy(np.load(io.BytesIO(raw[f]), allow_pickle=False)) for f in ("mean.npy", "std.npy"))
+        mean, std = (torch.from_numpy(np.load(io.BytesIO(raw[f]), allow_pickle=False)) for f in fields)
     except ValueError as error:  # also a pickled array (allow_pickle=False)
         raise CorruptSample(f"latent sample {key!r} in {raw.get('__url__')} cannot be decoded: {error}") from error
     caption, class_label = decode_caption(raw), decode_class_label(raw, num_classes)
@@ -119,7 +130,8 @@ class LatentDataModule(WebDataModule):
         self.first_stage = FirstStageIdentity(**self.meta["first_stage"])
 
     def sample_decoder(self, train: bool):
-        return functools.partial(decode_latent_sample, num_classes=self.num_classes)
+        flip = train and bool(self.meta.get("flipped_copies"))
+        return functools.partial(decode_latent_sample, num_classes=self.num_classes, seed=self.seed, flip=flip)
 
     def setup(self, stage: str) -> None:
         model = self.trainer.lightning_module if self._trainer_or_none() is not None else None
@@ -127,12 +139,31 @@ class LatentDataModule(WebDataModule):
             self.check_first_stage(model.first_stage, model.hparams.get("first_stage_ckpt"))
 
     def check_first_stage(self, vae: AutoencoderNet, checkpoint: str | None = None) -> None:
-        """Refuse to train a model whose first stage is not the autoencoder that made the cache."""
-        configured = first_stage_identity(vae, checkpoint)
-        if configured.weights_sha256 == self.first_stage.weights_sha256:
-            return
-        raise ValueError(
-            f"The latent cache {self.root} was made by the autoencoder {self.first_stage.describe()}, but this "
-            f"model's first stage is {configured.describe()}. Latents of another autoencoder (or factor) are "
-            f"meaningless to this model: pass model.first_stage_ckpt={self.first_stage.checkpoint}, or re-encode "
-            f"with `python -m ldm.cli.encode_latents first_stage_ckpt={checkpoint or 'PATH'} ...`.")
+        check_first_stage(self.root, self.meta, vae, checkpoint)
+
+
+def check_first_stage(root: str, meta: dict[str, Any], vae: AutoencoderNet, checkpoint: str | None = None) -> None:
+    """Refuse to train a model whose first stage is not the autoencoder that made the cache at `root`."""
+    cached, configured = FirstStageIdentity(**meta["first_stage"]), first_stage_identity(vae, checkpoint)
+    if configured.weights_sha256 == cached.weights_sha256:
+        return
+    raise ValueError(
+        f"The latent cache {root} was made by the autoencoder {cached.describe()}, but this "
+        f"model's first stage is {configured.describe()}. Latents of another autoencoder (or factor) are "
+        f"meaningless to this model: pass model.first_stage_ckpt={cached.checkpoint}, or re-encode "
+        f"with `python -m ldm.cli.encode_latents first_stage_ckpt={checkpoint or 'PATH'} ...`.")
+
+
+def train_from_cache(datamodule: WebDataModule, root: str, vae: AutoencoderNet) -> dict[str, Any]:
+    """Point `datamodule`'s train split at the latent cache `root` (made by `vae`, checked, at its resolution);
+    its val split stays on the images. Flipped copies are read when the cache has them and the data flips."""
+    meta = read_cache_meta(root)
+    check_first_stage(root, meta, vae)
+    if meta["resolution"] != datamodule.resolution or "train" not in meta["splits"]:
+        raise ValueError(f"the latent cache {root} holds {sorted(meta['splits'])} at {meta['resolution']} px, not "
+                         f"the train split at data.resolution={datamodule.resolution}: delete it to re-encode.")
+    flip = datamodule.random_flip and bool(meta.get("flipped_copies"))
+    decode = functools.partial(decode_latent_sample, num_classes=datamodule.num_classes, seed=datamodule.seed,
+                               flip=flip)
+    datamodule.read_train_from(os.path.join(root, meta["splits"]["train"]), decode)
+    return meta

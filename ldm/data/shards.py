@@ -2,7 +2,9 @@
 
 Shards follow the img2dataset layout: one tar member per field, ``{key}.{ext}``, members of one sample
 adjacent. Per-shard sample counts live in ``sizes.json`` beside the shards (our writers create it);
-img2dataset's ``{shard}_stats.json`` is read too, and local tars without either are scanned.
+img2dataset's ``{shard}_stats.json`` is read too, and local tars without either are scanned. The class count of
+a class-labelled set (``{key}.cls``) lives in ``classes.json`` (``{"num_classes": N, "names": [...]}``) beside
+them (data/make_shards.py --classes-from-dirs writes it); without it the labels of local shards are scanned.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from webdataset.shardlists import expand_urls as _wds_expand_urls
 from ldm.utils.files import write_atomic
 
 SIZES_FILE = "sizes.json"
+CLASSES_FILE = "classes.json"
+CLASS_FIELD = "cls"
 
 
 def expand_urls(urls: str) -> list[str]:
@@ -68,6 +72,31 @@ def update_sizes(directory: str, counts: dict[str, int]) -> None:
     write_atomic(sizes_path, lambda file: file.write(text.encode()))
 
 
+def write_classes(directory: str, names: list[str]) -> None:
+    """``directory/classes.json``: the class count (and names, index order) of the shards' ``.cls`` labels."""
+    text = json.dumps({"num_classes": len(names), "names": list(names)}, indent=1)
+    write_atomic(os.path.join(directory, CLASSES_FILE), lambda file: file.write(text.encode()))
+
+
+def shard_class_count(urls: list[str]) -> tuple[int | None, str]:
+    """(number of classes, where it came from) of the shards' ``.cls`` labels: ``classes.json`` beside them, else
+    the largest label + 1 of a scan of local shards (headers and the small ``.cls`` members only). None: no
+    ``classes.json`` and no label found (or remote shards, which are not scanned)."""
+    for directory in dict.fromkeys(os.path.dirname(url) for url in urls):
+        meta = _read_json(os.path.join(directory, CLASSES_FILE))
+        if meta and "num_classes" in meta:
+            return int(meta["num_classes"]), os.path.join(directory, CLASSES_FILE)
+    if not all(is_local(url) for url in urls):
+        return None, f"no {CLASSES_FILE} beside the (remote) shards"
+    labels: set[int] = set()
+    for url in urls:
+        labels |= _scan_labels(url)
+    if not labels:
+        return None, f"no {CLASSES_FILE} and no .{CLASS_FIELD} label in {len(urls)} shard(s)"
+    return max(labels) + 1, (f"a scan of the .{CLASS_FIELD} labels of {len(urls)} shard(s): {len(labels)} distinct, "
+                             f"{min(labels)}..{max(labels)}")
+
+
 def shard_sample_counts(urls: list[str]) -> list[int]:
     """Number of samples in each shard, from ``sizes.json``, ``*_stats.json`` or by scanning the tar."""
     sizes_by_dir: dict[str, dict] = {}
@@ -115,6 +144,23 @@ def _scan_count(url: str) -> int:
         stacklevel=3,
     )
     return sum(1 for _ in iter_raw_samples([url], on_error=lambda exn: None))
+
+
+def _scan_labels(path: str) -> set[int]:
+    """The integer ``.cls`` labels of one local shard (unreadable ones and -1, "no class", are left out)."""
+    labels: set[int] = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.name.rsplit(".", 1)[-1] == CLASS_FIELD and (file := tar.extractfile(member)) is not None:
+                    try:
+                        labels.add(int(file.read().decode().strip()))
+                    except (UnicodeDecodeError, ValueError):
+                        continue  # the loader skips (and counts) such samples
+    except (tarfile.TarError, OSError):
+        pass
+    labels.discard(-1)
+    return {label for label in labels if label >= 0}
 
 
 def _read_json(path: str) -> dict | None:

@@ -1,20 +1,18 @@
 """WebDataset DataModules: tar shards -> batches, equal steps on every rank, exact mid-epoch resume.
 
-Each dataloader worker reads the shards its ``ShardPlan`` slice names, shuffles samples in a buffer seeded
-by (seed, epoch, rank, worker), decodes and batches them, and stops after exactly its planned number of
-batches. Nothing depends on a running random stream, so a resumed run can skip the batches already
-trained on by reading (not decoding) their samples, and then yields the same batches the straight run
-would have yielded.
+Each dataloader worker reads the shards its ``ShardPlan`` slice names, shuffles samples in a buffer seeded by (seed,
+epoch, rank, worker), decodes and batches them, and stops after exactly its planned number of batches. Nothing
+depends on a running random stream, so a resumed run can skip the batches already trained on by reading (not
+decoding) their samples, and then yields the same batches the straight run would have yielded.
 
-Corrupt samples are dropped from their batch (which gets smaller), warned about, and counted: every batch
-carries ``num_skipped`` (samples dropped while building it) and ``DataModule.num_skipped`` is the running
-total in this process. A batch is built from ``batch_size`` raw samples; only if all of them are corrupt
-does it read on until it has a good one. The data position in a checkpoint therefore holds, besides the
-epoch and the batches consumed, the raw samples each worker really read, so resuming skips exactly those
-(reading, not decoding them).
+Corrupt samples are dropped from their batch (which gets smaller), warned about, and counted: every batch carries
+``num_skipped`` (samples dropped while building it) and ``DataModule.num_skipped`` is the running total in this
+process. A batch is built from ``batch_size`` raw samples; only if all of them are corrupt does it read on until it
+has a good one. The data position in a checkpoint therefore holds, besides the epoch and the batches consumed, the
+raw samples each worker really read, so resuming skips exactly those (reading, not decoding them).
 
-Preemption: SLURM signals every process of a job step. The workers ignore SIGTERM and SIGUSR1 (they are
-forked with both blocked), so only the main process reacts: it checkpoints and then stops its workers.
+Preemption: SLURM signals every process of a job step. The workers ignore SIGTERM and SIGUSR1 (they are forked with
+both blocked), so only the main process reacts: it checkpoints and then stops its workers.
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.degradations import build_degradations
-from ldm.data.shapes import shapes_urls, write_shapes
+from ldm.data.shapes import NUM_CLASSES, shapes_urls, write_shapes
 from ldm.data.sharding import (
     ShardPlan,
     TrainPass,
@@ -47,7 +45,7 @@ from ldm.data.transforms import (
     to_model_ranges,
 )
 from ldm.data.workers import PREEMPTION_SIGNALS, init_worker, signals_blocked
-from ldm.utils.ranks import distributed_rank_and_world_size
+from ldm.utils.ranks import distributed_rank_and_world_size, values_of_every_rank
 
 MAX_WARNINGS_PER_WORKER = 5
 MAX_CORRUPT_IN_A_ROW = 10_000
@@ -57,8 +55,7 @@ BATCH_ORIGIN = ("_worker", "_num_read")  # which worker built a batch from how m
 class ShardStream(IterableDataset):
     """Batches of one rank for one epoch, as planned; ``start_epoch`` sets the epoch and resume point.
 
-    ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``): images
-    for ``WebDataModule``, cached latents for ``ldm.inference.latent_cache.LatentDataModule``."""
+    ``decode(raw, epoch=...)`` turns an undecoded sample into a batch row (raising ``CorruptSample``)."""
 
     def __init__(self, urls: list[str], plan: ShardPlan, rank: int, decode: Callable[..., dict], batch_size: int,
                  shuffle_buffer: int, seed: int) -> None:
@@ -181,6 +178,13 @@ class EpochLoader(DataLoader):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def state_dict(self) -> dict:
+        """Empty: the data module's state_dict holds the position. Having it says "resumable" to Lightning."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing: the data module restores the position (``WebDataModule.load_state_dict``)."""
+
     def __iter__(self) -> Iterator[dict]:
         self._start_pass(self.dataset)
         with signals_blocked(PREEMPTION_SIGNALS if self.num_workers > 0 else ()):
@@ -214,10 +218,10 @@ class WebDataModule(pl.LightningDataModule):
         semantic_map: bool = False,
     ) -> None:
         """``num_classes``: the class-conditional model's class count (configs interpolate it from
-        ``model.conditioner.num_classes``); samples whose ``.cls`` is missing or outside [0, num_classes) are
-        then skipped as corrupt. None: classes are not checked against a range. `degradations`: conditions
-        computed from each crop (`lowres`, `mask`: ldm/data/degradations.py); `semantic_map`: also read each
-        sample's `{key}.seg.png` label map (shapes writes one)."""
+        ``model.conditioner.num_classes``; train.py derives it from the data when null: preflight.py); samples
+        whose ``.cls`` is missing or outside [0, num_classes) are then skipped as corrupt. None: not checked.
+        `degradations`: conditions computed from each crop (`lowres`, `mask`: ldm/data/degradations.py);
+        `semantic_map`: also read each sample's `{key}.seg.png` label map (shapes writes one)."""
         super().__init__()
         if batch_size < 1 or num_workers < 0 or (samples_per_epoch is not None and samples_per_epoch < 1):
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, samples_per_epoch >= 1 or None; got "
@@ -236,6 +240,11 @@ class WebDataModule(pl.LightningDataModule):
         self._pass: TrainPass | None = None  # the training pass under way (None: none yet)
         self._epoch = 0  # the data epoch of the next pass when no Trainer drives this module
         self._resume: dict | None = None  # a checkpoint's data position, for the next pass
+        self._train_decoder: Callable[..., dict] | None = None  # set by read_train_from
+
+    def read_train_from(self, urls: str, decode: Callable[..., dict]) -> None:
+        """Train on other shards of the same samples (their cached latents: ldm/data/latent_cache.py); val stays."""
+        self.train_urls, self._train_decoder = urls, decode
 
     def train_dataloader(self) -> EpochLoader:
         length = (self.samples_per_epoch, self.resampled)
@@ -256,7 +265,7 @@ class WebDataModule(pl.LightningDataModule):
         exactly from any checkpoint: mid-epoch, at a preemption, after ``fit`` ended. Under DDP a collective,
         as Lightning builds checkpoints on every rank."""
         position = self._position()
-        position["samples_read"] = _per_rank(position["samples_read"])
+        position["samples_read"] = values_of_every_rank(position["samples_read"])
         return position
 
     def load_state_dict(self, state_dict: dict[str, int | list | None]) -> None:
@@ -305,6 +314,8 @@ class WebDataModule(pl.LightningDataModule):
 
     def sample_decoder(self, train: bool) -> Callable[..., dict]:
         """``decode(raw, epoch=...)`` -> batch row; subclasses reading other fields override it."""
+        if train and self._train_decoder is not None:
+            return self._train_decoder
         transform = ImageTransform(self.resolution, random_crop=train, random_flip=train and self.random_flip)
         return functools.partial(decode_sample, transform=transform, seed=self.seed, num_classes=self.num_classes,
                                  degradations=self.degradations, semantic_map=self.semantic_map)
@@ -363,17 +374,11 @@ class ShapesDataModule(WebDataModule):
         self.shapes_args = {"root": root, "resolution": resolution, "num_train": num_train, "num_val": num_val,
                             "num_objects": num_objects, "seed": seed, "samples_per_shard": samples_per_shard}
 
+    def class_count(self) -> tuple[int, str]:  # known (the shards exist only after prepare_data): not scanned
+        return NUM_CLASSES, "the built-in shapes data set (colour x shape)"
+
     def prepare_data(self) -> None:
         write_shapes(**self.shapes_args)
-
-
-def _per_rank(value: list[int] | None) -> list[list[int] | None]:
-    """``value`` of every rank, in rank order (all-gathered under DDP)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
-    return [value]
 
 
 def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:

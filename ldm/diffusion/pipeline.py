@@ -16,7 +16,13 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ldm.diffusion.samplers import ModelFn, make_generators, randn_per_sample, sample
+from ldm.diffusion.samplers import (
+    ModelFn,
+    StepCallback,
+    make_generators,
+    randn_per_sample,
+    sample,
+)
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.settings import SamplerSettings
 
@@ -44,15 +50,43 @@ class LatentPipeline:
     prediction_type: str
     device: torch.device
 
-    def conditions(self, batch: Batch, n: int, latent_size: tuple[int, int],
-                   cfg_scale: float) -> tuple[dict[str, Tensor], dict | None]:
+    def conditions(self, batch: Batch, n: int, latent_size: tuple[int, int], cfg_scale: float,
+                   negative_prompt: str | Sequence[str] | None = None) -> tuple[dict[str, Tensor], dict | None]:
         """The conditional UNet inputs and, when guidance needs them, the unconditional ones (the null
-        condition: the same conditioning with every row dropped, i.e. the droppable parts only)."""
+        condition: the same conditioning with every row dropped, i.e. the droppable parts only).
+
+        A `negative_prompt` takes the null condition's place in the unconditional branch: the batch with its
+        captions replaced, nothing dropped (the other parts of a composite condition stay as they are, which is
+        what dropping the text alone leaves too). Guidance then moves away from the negative prompt:
+        out = out(neg) + s (out(prompt) - out(neg)), the Ho & Salimans 2022 eq. 6 form with c_neg for the null
+        condition (the empty prompt, the default, is the text models' null condition)."""
         cond = self.conditioning(batch, None, latent_size)
+        if negative_prompt is not None:
+            if "caption" not in batch:
+                raise ValueError("negative_prompt applies to text-conditioned models only (this model's conditions "
+                                 f"are {sorted(batch) or 'none'}): drop negative_prompt.")
+            if cfg_scale == 1.0:
+                raise ValueError("negative_prompt needs classifier-free guidance: with sampling.cfg_scale=1 the "
+                                 "unconditional branch it replaces is not evaluated. Set sampling.cfg_scale > 1.")
+            negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != n:
+                raise ValueError(f"negative_prompt: got {len(negatives)} prompts for {n} samples (one, or one each).")
+            return cond, self.conditioning({**batch, "caption": negatives}, None, latent_size)
         if cfg_scale == 1.0 or not self.droppable:
             return cond, None
         drop = torch.ones(n, dtype=torch.bool, device=self.device)
         return cond, self.conditioning(batch, drop, latent_size)
+
+    def latent_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
+        """(h, w) of the latent for an image of `image_size` (a side, or (height, width)): each a multiple of
+        the first stage's factor f, since the autoencoder maps f x f pixels to one latent position."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        f = self.downsampling_factor
+        for name, value in (("height", height), ("width", width)):
+            if value < f or value % f:
+                raise ValueError(f"{name}={value} must be a positive multiple of the first stage's factor f={f} "
+                                 f"(e.g. {max(f, round(value / f) * f)}).")
+        return height // f, width // f
 
     @torch.no_grad()
     def __call__(
@@ -61,34 +95,33 @@ class LatentPipeline:
         num_samples: int | None,
         settings: SamplerSettings,
         *,
-        image_size: int,
+        image_size: int | Sequence[int],
         seed_offset: int = 0,
         init_images: Tensor | None = None,
         strength: float = 1.0,
         progress: bool = False,
+        negative_prompt: str | Sequence[str] | None = None,
+        callback: StepCallback | None = None,
     ) -> Tensor:
         """Images in [-1, 1], one per row of the `conditions` batch (or `num_samples` for unconditional
-        models). Sample i draws every random number (img2img posterior draw, initial noise, sampler noise)
-        from a CPU generator seeded `settings.seed + seed_offset + i`, so it does not depend on the batch or
-        the device."""
+        models), of `image_size` (a side, or (height, width)). Sample i draws every random number (img2img
+        posterior draw, initial noise, sampler noise) from a CPU generator seeded `settings.seed + seed_offset
+        + i`, so it does not depend on the batch or the device. `callback(i, t, z)` sees every step."""
         batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
                  for key, value in conditions.items()}
         n = batch_length(batch) or num_samples
         if n is None:
             raise ValueError("generate() needs `conditions` (prompts or class labels) or `num_samples`.")
-        if image_size % self.downsampling_factor:
-            raise ValueError(f"image_size={image_size} must be a multiple of the first stage's factor "
-                             f"f={self.downsampling_factor}.")
-        size = image_size // self.downsampling_factor
-        cond, uncond = self.conditions(batch, n, (size, size), settings.cfg_scale)
+        size = self.latent_size(image_size)
+        cond, uncond = self.conditions(batch, n, size, settings.cfg_scale, negative_prompt)
         generators = make_generators(settings.seed + seed_offset, n)
         init_latent = None
         if init_images is not None:
             init_latent = self.encode(init_images.to(self.device), generators)
         latents = sample(
-            self.denoiser, self.schedule, (n, self.latent_channels, size, size),
+            self.denoiser, self.schedule, (n, self.latent_channels, *size),
             cond=cond, uncond=uncond, prediction_type=self.prediction_type, generators=generators,
-            init_latent=init_latent, strength=strength, progress=progress, device=self.device,
+            init_latent=init_latent, strength=strength, progress=progress, callback=callback, device=self.device,
             **settings.sample_kwargs(),
         )
         return self.decode(latents).clamp(-1, 1)

@@ -11,7 +11,6 @@ FIDs, never with an Inception FID.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,8 +21,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.diffusion.settings import SamplerSettings
-from ldm.evaluation.diagnostics import caption_diagnostics, diagnostics_rows
+from ldm.evaluation.diagnostics import caption_diagnostics
+from ldm.evaluation.feature_warnings import feature_warnings, warnings_entry
 from ldm.evaluation.image_sources import ImageFolder, ImageSource, reference_images
+from ldm.evaluation.metrics_files import write_report
 from ldm.inference.sampling import (
     conditions_for,
     generate_to_dir,
@@ -41,9 +42,11 @@ from ldm.metrics import (
     reference_identity,
     reference_statistics,
 )
+from ldm.metrics.clip_score import CLIPScore, build_clip_score, clip_score_metrics
 from ldm.metrics.kid import kernel_inception_distance
+from ldm.metrics.published_stats import load_published_statistics
 from ldm.metrics.shapes_classifier import HEADS
-from ldm.models.concat_conditioners import concat_parts
+from ldm.models.concat_conditioners import concat_parts, condition_keys
 from ldm.utils.devices import autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ class EvaluationOptions:
     cache_dir: str = ".cache/metrics"  # reference statistics and the shapes classifier
     batch_size: int = 64  # feature extraction
     device: str = "cpu"
+    reference_stats: str | None = None  # a published pytorch-fid / ADM .npz (mu, sigma) for the FID
+    clip_score: Mapping[str, Any] | None = None  # {"arch", "pretrained"} of the CLIP model; None: no CLIP score
 
 
 # ------------------------------------------------------------------------------------ features
@@ -107,7 +112,10 @@ def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor
 
 def reference_statistics_for(source: ImageSource, extractor: FeatureExtractor, options: EvaluationOptions,
                              **extra_identity: Any) -> ReferenceStatistics:
-    """Statistics of the reference images, from the cache under `options.cache_dir` when computed before."""
+    """Statistics of the reference images, from the cache under `options.cache_dir` when computed before, or
+    the published ones of `options.reference_stats` (ldm.metrics.published_stats)."""
+    if options.reference_stats:
+        return load_published_statistics(options.reference_stats, extractor)
     identity = reference_identity(source.identity(), source.split, source.resolution, extractor,
                                   num_real=options.num_real, **extra_identity)
 
@@ -140,14 +148,15 @@ def metrics_of_features(
     network = described.pop("name")
     fid_name, is_name = extractor.metric_names()
     mu, sigma = feature_statistics(fake)
-    precision, recall = precision_recall(reference.features, fake, k=k)
-    density, coverage = density_coverage(reference.features, fake, k=density_k)
+    real = reference.features  # None for published statistics: no k-NN metrics, no KID
+    precision, recall = precision_recall(real, fake, k=k) if real is not None else (None, None)
+    density, coverage = density_coverage(real, fake, k=density_k) if real is not None else (None, None)
     logits = extractor.class_log_probabilities(fake)
     is_splits = min(IS_SPLITS, len(fake))
     is_mean, is_std = inception_score(logits, splits=is_splits) if logits is not None else (None, None)
     return {
         "fid": frechet_distance(reference.mu, reference.sigma, mu, sigma), "fid_name": fid_name,
-        **_kid(reference.features, fake, fid_name),
+        **(_kid(real, fake, fid_name) if real is not None else {"kid": None, "kid_std": None}),
         "precision": precision, "recall": recall, "density": density, "coverage": coverage,
         "is_mean": is_mean, "is_std": is_std, "is_name": is_name if logits is not None else None,
         "is_splits": is_splits if logits is not None else None,
@@ -155,7 +164,8 @@ def metrics_of_features(
         "num_samples": len(fake), "num_real": reference.num_samples, "k": k, "density_k": density_k,
         "features": {"network": network, **described},
         "reference": {"statistics": reference.path, "cache_hit": reference.cache_hit,
-                      "num_real_precision_recall": len(reference.features)},
+                      "num_real_precision_recall": len(real) if real is not None else 0,
+                      **({"published": reference.identity} if "published" in reference.identity else {})},
     }
 
 
@@ -189,6 +199,7 @@ def evaluate(
     k: int = 3, density_k: int = 5, cache_dir: str = ".cache/metrics", feature_batch_size: int = 64,
     sampling: SamplerSettings | Mapping[str, Any] | None = None, batch_size: int = 16, use_ema: bool = True,
     device: str = "auto", precision: str = "fp32", diagnostics: bool = False, diagnostics_samples: int = 256,
+    reference_stats: str | None = None, clip_score: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What `evaluate.py` does, with plain arguments (configs/evaluate.yaml documents them): sample `ckpt`
     (or read `fake_dir`) with `sampling` (SamplerSettings or a `sampling` config node), compare with
@@ -197,8 +208,10 @@ def evaluate(
     (ldm.evaluation.diagnostics) of the checkpoint, on `diagnostics_samples` reference images."""
     if (ckpt is None) == (fake_dir is None):
         raise ValueError("pass exactly one of ckpt=PATH (sample, then evaluate) or fake_dir=DIR (evaluate images).")
+    clip = dict(clip_score or {})
     options = EvaluationOptions(features=_as_spec(features), k=k, density_k=density_k, num_real=num_real,
-                                cache_dir=cache_dir, batch_size=feature_batch_size, device=device)
+                                cache_dir=cache_dir, batch_size=feature_batch_size, device=device,
+                                reference_stats=reference_stats, clip_score=clip if clip and clip.pop("enabled", True) else None)
     reference = reference_images(data, real_dir)
     if fake_dir is not None:
         return evaluate_folder(fake_dir, reference, out, options)
@@ -221,15 +234,15 @@ def evaluate_checkpoint(
     check_sample_count(num_samples, options)
     dtype = autocast_dtype(precision)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
-    if concat_parts(model.conditioner):
-        task = concat_parts(model.conditioner)[0].task
-        raise ValueError(f"ckpt={ckpt!r} is an image-conditioned model (task={task}): evaluate it with "
-                         f"`python evaluate.py task={task} ckpt=...`.")
-    conditions = evaluation_conditions(model, num_samples, reference.captions)
+    conditions = evaluation_conditions(model, num_samples, reference.captions)  # refuses image-conditioned models
     extractor, statistics = features_and_reference(reference, model.hparams.image_size, options)
+    if options.clip_score is not None and model.conditioner.batch_key != "caption":
+        raise ValueError("clip_score.enabled=true scores images against their prompts: this model has none.")
+    scorer = clip_scorer(options)  # offline without its weights: fails here, before sampling
     samples_dir = os.path.join(out, "samples")
     generate_to_dir(model, conditions, samples_dir, settings, batch_size=batch_size, ckpt=ckpt, autocast_dtype=dtype)
-    metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options)
+    metrics = _evaluate_folder_against(ImageFolder(samples_dir), statistics, extractor, options, scorer)
+    metrics.update(warnings_entry(extractor, reference))
     metrics.update(checkpoint={"path": os.path.abspath(ckpt), "global_step": checkpoint_global_step(ckpt),
                                "use_ema": use_ema},
                    sampler={**settings.as_dict(), "batch_size": batch_size, "autocast_precision": precision},
@@ -265,16 +278,28 @@ def evaluate_folder(fake_dir: str, reference: ImageSource, out: str,
     with Image.open(os.path.join(fake.path, fake.files[0])) as first_image:
         image_size = first_image.size[1]
     extractor, statistics = features_and_reference(reference, image_size, options)
-    metrics = _evaluate_folder_against(fake, statistics, extractor, options)
-    metrics["fake_dir"] = fake.path
+    metrics = _evaluate_folder_against(fake, statistics, extractor, options, clip_scorer(options))
+    metrics.update(warnings_entry(extractor, reference), fake_dir=fake.path)
     write_report(metrics, out)
     return metrics
 
 
-def evaluation_conditions(model: Any, num_samples: int,
-                          captions: Callable[[int], list[str]]) -> list[str | int | None]:
+def evaluation_conditions(model: Any, num_samples: int, captions: Callable[[int], list[str]],
+                          rows: Callable[[Sequence[str], int], list[dict[str, Any]]] | None = None) -> list[Any]:
     """One condition per sample: the first `num_samples` reference captions (repeated when there are
-    fewer), classes 0, 1, ... in turn (balanced), or None for unconditional models."""
+    fewer), classes 0, 1, ... in turn (balanced), or None for unconditional models. An image-conditioned
+    model (concat: low-res image, mask, semantic map) gets the reference's condition `rows` instead (a
+    DataSplitImages' `condition_rows`: the val samples' fields it is conditioned on, its caption included),
+    so its samples are drawn for the conditions of the very images they are compared with."""
+    if concat_parts(model.conditioner):
+        if rows is None:
+            task = concat_parts(model.conditioner)[0].task
+            raise ValueError(f"this checkpoint is an image-conditioned model (task={task}), evaluated on its "
+                             f"conditions: use `python evaluate.py task={task} ckpt=...`.")
+        found = rows(condition_keys(model.conditioner), num_samples)
+        if not found:
+            raise ValueError("the reference val split is empty: no conditions to evaluate the model on.")
+        return [found[i % len(found)] for i in range(num_samples)]
     key = model.conditioner.batch_key
     if key == "caption":
         prompts = [caption for caption in captions(num_samples) if caption]
@@ -286,6 +311,12 @@ def evaluation_conditions(model: Any, num_samples: int,
         labels = [i % model.conditioner.num_classes for i in range(num_samples)]
         return conditions_for(model, [], labels, 1)
     return conditions_for(model, [], [], num_samples)
+
+
+def condition_captions(conditions: Sequence[Any]) -> list[str]:
+    """The caption of each evaluation condition ("" for classes, unconditional and caption-less rows): the
+    prompts prompt fidelity judges the samples by."""
+    return [c if isinstance(c, str) else c.get("caption", "") if isinstance(c, Mapping) else "" for c in conditions]
 
 
 def checkpoint_global_step(path: str) -> int | None:
@@ -301,14 +332,31 @@ def features_and_reference(reference: ImageSource, image_size: int,
                             options: EvaluationOptions) -> tuple[FeatureExtractor, ReferenceStatistics]:
     extractor = build_features(options.features, reference_is_shapes=reference.is_shapes, image_size=image_size,
                                cache_dir=options.cache_dir, device=resolve_device(options.device))
+    for warning in feature_warnings(extractor, reference):
+        logger.warning("%s", warning)
     return extractor, reference_statistics_for(reference, extractor, options)
 
 
+def clip_scorer(options: EvaluationOptions) -> CLIPScore | None:
+    if options.clip_score is None:
+        return None
+    return build_clip_score(**options.clip_score, device=resolve_device(options.device))
+
+
 def _evaluate_folder_against(fake: ImageFolder, statistics: ReferenceStatistics, extractor: FeatureExtractor,
-                             options: EvaluationOptions) -> dict[str, Any]:
+                             options: EvaluationOptions, scorer: CLIPScore | None = None) -> dict[str, Any]:
     batches = fake.batches(options.batch_size, getattr(extractor, "input_size", None))
-    return evaluate_images(batches, statistics, extractor, k=options.k, density_k=options.density_k,
-                           captions=fake.captions())
+    captions = fake.captions()
+    metrics = evaluate_images(batches, statistics, extractor, k=options.k, density_k=options.density_k,
+                              captions=captions)
+    if scorer is not None:
+        if not all(captions):
+            raise ValueError(f"clip_score needs a prompt for every image; {fake.path} has images without one "
+                             "(samples.json or <image>.txt).")
+        scores = torch.cat([scorer(images, captions[start:start + len(images)]) for start, images in
+                            zip(range(0, len(captions), options.batch_size), fake.batches(options.batch_size))])
+        metrics.update(clip_score_metrics(scores, scorer))
+    return metrics
 
 
 def check_sample_count(num_samples: int, options: EvaluationOptions) -> None:
@@ -320,38 +368,3 @@ def check_sample_count(num_samples: int, options: EvaluationOptions) -> None:
 
 
 # ------------------------------------------------------------------------------------ reports
-REPORT_ROWS = ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std",
-               "prompt_fidelity_color", "prompt_fidelity_shape", "prompt_fidelity_position", "prompt_fidelity_all",
-               "num_samples", "num_real", "k")
-
-
-def write_report(metrics: Mapping[str, Any], out: str) -> None:
-    """`out/metrics.json` (everything) and `out/metrics.md` (one table of the headline numbers)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=1, default=str)
-    with open(os.path.join(out, "metrics.md"), "w") as handle:
-        if "fid" in metrics:
-            handle.write(markdown_table(metrics))
-        if metrics.get("diagnostics"):
-            rows = diagnostics_rows(metrics["diagnostics"])
-            handle.write("\n".join(["", "| diagnostic | value |", "|---|---|", *(f"| {n} | {v} |" for n, v in rows)]))
-            handle.write("\n")
-
-
-def markdown_table(metrics: Mapping[str, Any]) -> str:
-    """One `| metric | value |` table; FID and IS rows carry their feature-specific names."""
-    names = {"fid": metrics.get("fid_name") or "fid", "is_mean": f"{metrics.get('is_name') or 'IS'} mean",
-             "is_std": f"{metrics.get('is_name') or 'IS'} std", "kid": metrics.get("kid_name") or "kid",
-             "kid_std": f"{metrics.get('kid_name') or 'kid'} std"}
-    features = metrics.get("features", {})
-    rows = [(names.get(key, key), _format(metrics.get(key))) for key in REPORT_ROWS]
-    rows.append(("features", f"{features.get('network')} / {features.get('layer')} ({features.get('dim')}-d)"))
-    if "checkpoint" in metrics:
-        rows.append(("checkpoint step", _format(metrics["checkpoint"].get("global_step"))))
-    lines = ["| metric | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
-    return "\n".join(lines) + "\n"
-
-
-def _format(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import hydra
 import numpy as np
@@ -82,6 +82,11 @@ class ImageFolder:
                 raise ValueError(f"images in {self.path} differ in size; pass a size to resize them to.")
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
+    def condition_rows(self, keys: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+        raise ValueError(f"the reference folder {self.path} holds images only, no {', '.join(keys)}: an "
+                         "image-conditioned model is evaluated on a data config's val split, whose loader computes "
+                         "its conditions (data.degradations / data.semantic_map).")
+
     def captions(self, limit: int | None = None) -> list[str]:
         """One caption per image ("" where none is known)."""
         files = self.files[:limit]
@@ -115,7 +120,22 @@ class DataSplitImages:
     def captions(self, limit: int | None = None) -> list[str]:
         return [caption for batch in self._limited(limit) for caption in batch["caption"]][:limit]
 
-    def _limited(self, limit: int | None) -> Iterator[dict[str, Any]]:
+    def condition_rows(self, keys: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+        """The first `limit` val samples' condition entries (`keys`, e.g. lowres, mask, caption), one dict per
+        sample, tensors on the CPU: the conditions an image-conditioned model is evaluated on."""
+        rows = []
+        for batch in self._limited(limit, keys):
+            missing = [key for key in keys if key not in batch]
+            if missing:
+                raise ValueError(f"the val split has no {missing[0]!r} for this image-conditioned model: give the data "
+                                 "config the field (data.degradations.lowres / .mask, data.semantic_map=true) as in "
+                                 "training.")
+            values = {key: batch[key].cpu() if isinstance(batch[key], torch.Tensor) else list(batch[key])
+                      for key in keys}
+            rows += [{key: value[i] for key, value in values.items()} for i in range(len(batch["image"]))]
+        return rows
+
+    def _limited(self, limit: int | None, keys: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         if self._prepare:  # once: shards are written (shapes) or checked before the first read
             self.datamodule.prepare_data()
             self.datamodule.setup("validate")
@@ -123,7 +143,8 @@ class DataSplitImages:
         seen = 0
         for batch in self.datamodule.val_dataloader():
             keep = len(batch["image"]) if limit is None else min(len(batch["image"]), limit - seen)
-            yield {"image": batch["image"][:keep], "caption": list(batch["caption"])[:keep]}
+            yield {key: batch[key][:keep] if isinstance(batch[key], torch.Tensor) else list(batch[key])[:keep]
+                   for key in {"image", "caption", *keys} if key in batch}
             seen += keep
             if limit is not None and seen >= limit:
                 return

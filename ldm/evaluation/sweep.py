@@ -30,13 +30,13 @@ from ldm.evaluation.evaluate import (
     evaluation_conditions,
     extract_features,
     features_and_reference,
-    markdown_table,
     metrics_of_features,
 )
 from ldm.evaluation.image_sources import ImageFolder, ImageSource
+from ldm.evaluation.metrics_files import markdown_table
 from ldm.inference.sampling import generate_to_dir
 from ldm.loading.checkpoints import load_latent_diffusion
-from ldm.metrics import precision_recall
+from ldm.metrics import manifold_membership
 from ldm.utils.devices import autocast_dtype, resolve_device
 
 SWEEPABLE = ("cfg_scale", "steps", "sampler", "eta", "timestep_spacing", "guidance_rescale")
@@ -61,10 +61,11 @@ def sweep_settings(base: SamplerSettings, grid: Mapping[str, Sequence[Any] | Non
 def sweep_checkpoint(
     ckpt: str, reference: ImageSource, out: str, grid: Mapping[str, Sequence[Any] | None], *, num_samples: int,
     base: SamplerSettings = SamplerSettings(), options: EvaluationOptions = EvaluationOptions(), batch_size: int = 16,
-    use_ema: bool = True, precision: str = "fp32",
+    use_ema: bool = True, precision: str = "fp32", settings: Sequence[SamplerSettings] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate `ckpt` at each setting of `grid`; the model, extractor and reference statistics are built once."""
-    settings = sweep_settings(base, grid)
+    """Evaluate `ckpt` at each setting of `grid` (or at the given `settings`, a list that is not a grid, e.g.
+    benchmarks/sampling.py's solvers); the model, extractor and reference statistics are built once."""
+    settings = list(settings) if settings is not None else sweep_settings(base, grid)
     check_sample_count(num_samples, options)
     model = load_latent_diffusion(ckpt, use_ema=use_ema, device=resolve_device(options.device))
     conditions = evaluation_conditions(model, num_samples, reference.captions)
@@ -98,12 +99,16 @@ def setting_label(setting: SamplerSettings) -> str:
 
 def bootstrap_precision_recall(real: np.ndarray, fake: np.ndarray, k: int, rounds: int = BOOTSTRAP_ROUNDS,
                                seed: int = 0) -> dict[str, list[float]]:
-    """5th-95th percentile of precision and recall over bootstrap resamples of the generated features: how much
-    the numbers of a small evaluation would move with another draw of samples (Efron 1979)."""
+    """5th-95th percentile of precision and recall over bootstrap resamples (Efron 1979) of their per-point terms
+    (`manifold_membership`): how much the numbers of a small evaluation would move with another draw of samples,
+    the two manifolds held fixed. Resampling the features instead would bias recall down (duplicates shrink the
+    k-NN radii), so that its interval could miss the point estimate."""
     rng = np.random.default_rng(seed)
-    values = np.array([precision_recall(real, fake[rng.integers(0, len(fake), len(fake))], k=k) for _ in range(rounds)])
-    low, high = np.percentile(values, [5, 95], axis=0)
-    return {"precision_interval": [float(low[0]), float(high[0])], "recall_interval": [float(low[1]), float(high[1])]}
+    fake_inside, real_inside = manifold_membership(real, fake, k=k)
+    precision = [fake_inside[rng.integers(0, len(fake_inside), len(fake_inside))].mean() for _ in range(rounds)]
+    recall = [real_inside[rng.integers(0, len(real_inside), len(real_inside))].mean() for _ in range(rounds)]
+    (p_low, r_low), (p_high, r_high) = np.percentile(np.stack([precision, recall], axis=1), [5, 95], axis=0)
+    return {"precision_interval": [float(p_low), float(p_high)], "recall_interval": [float(r_low), float(r_high)]}
 
 
 def write_sweep(records: list[dict[str, Any]], out: str, checkpoint: Mapping[str, Any]) -> None:
@@ -119,33 +124,49 @@ def write_sweep(records: list[dict[str, Any]], out: str, checkpoint: Mapping[str
     plot_sweep(records, os.path.join(out, "sweep.png"))
 
 
+SETTING_COLUMNS = (("sampler", "sampler"), ("steps", "steps"), ("cfg_scale", "cfg"), ("eta", "eta"),
+                   ("timestep_spacing", "spacing"), ("guidance_rescale", "rescale"))
+FIDELITY_HEADS = (("prompt_fidelity_color", "colour"), ("prompt_fidelity_shape", "shape"),
+                  ("prompt_fidelity_position", "position"))
+
+
+def varying_settings(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The setting columns a table needs: sampler, steps and cfg always, the other knobs when they vary (so that
+    no two rows look alike)."""
+    return [(key, title) for key, title in SETTING_COLUMNS
+            if key in ("sampler", "steps", "cfg_scale") or len({str(r["setting"][key]) for r in records}) > 1]
+
+
 def sweep_table(records: list[dict[str, Any]]) -> str:
     names = {"fid_name": records[0].get("fid_name") or "FID", "kid_name": records[0].get("kid_name") or "KID"}
-    header = ["sampler", "steps", "cfg", *(title.format(**names) for _, title in TABLE_COLUMNS)]
+    settings = varying_settings(records)
+    heads = [(key, title) for key, title in FIDELITY_HEADS if records[0].get(key) is not None]
+    columns = [*((key, title.format(**names)) for key, title in TABLE_COLUMNS), *heads]
+    header = [title for _, title in settings] + [title for _, title in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
-        setting = record["setting"]
-        cells = [setting["sampler"], str(setting["steps"]), f"{setting['cfg_scale']:g}"]
-        cells += [_cell(record.get(key)) for key, _ in TABLE_COLUMNS]
+        cells = [_cell(record["setting"][key]) for key, _ in settings]
+        cells += [_cell(record.get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_sweep(records: list[dict[str, Any]], path: str) -> str:
-    """FID vs guidance scale and precision vs recall, one line per (sampler, steps)."""
+    """FID vs guidance scale and precision vs recall, one line per combination of the other swept settings."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
 
     figure, (fid_axes, pr_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=150)
-    lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    line_keys = [(key, title) for key, title in varying_settings(records) if key != "cfg_scale"]
+    lines: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for record in records:
-        lines.setdefault((record["setting"]["sampler"], record["setting"]["steps"]), []).append(record)
-    for (sampler, steps), group in lines.items():
+        lines.setdefault(tuple(record["setting"][key] for key, _ in line_keys), []).append(record)
+    for values, group in lines.items():
         group = sorted(group, key=lambda r: r["setting"]["cfg_scale"])
         scales = [r["setting"]["cfg_scale"] for r in group]
-        label = f"{sampler}, {steps} steps"
+        label = ", ".join(f"{title} {_cell(value)}" for (_, title), value in zip(line_keys, values))
         fid_axes.plot(scales, [r["fid"] for r in group], marker="o", label=label)
         pr_axes.plot([r["recall"] for r in group], [r["precision"] for r in group], marker="o", label=label)
         for r in group:

@@ -160,7 +160,7 @@ def _sample_rows(model: Any, rows: dict[str, Any], settings: SamplerSettings, ba
                  dtype: torch.dtype | None) -> torch.Tensor:
     """uint8 samples for every row's conditions; row i seeded with settings.seed + i."""
     keys = {"caption", "class_label", "lowres", "image", "mask", "semantic_map"} & set(rows)
-    size = rows["image"].shape[-1]
+    size = tuple(rows["image"].shape[-2:])
     outputs = []
     for start in range(0, len(rows["image"]), batch_size):
         batch = {key: rows[key][start:start + batch_size] for key in keys}
@@ -218,7 +218,7 @@ def _write_outputs(out: str, model: Any, rows: dict[str, Any], samples: torch.Te
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(samples_dir, f"{index:05d}.png"))
     shown = min(8, len(samples))
     conditions = condition_images(model, {k: v[:shown] for k, v in rows.items() if isinstance(v, torch.Tensor)},
-                                  samples.shape[-1])
+                                  samples.shape[-2:])
     triples = torch.stack([conditions, samples[:shown].float() / 127.5 - 1, references[:shown].float() / 127.5 - 1], 1)
     save_image_grid(triples.flatten(0, 1), os.path.join(out, "grid.png"), nrow=3)
     metrics["samples_dir"] = samples_dir

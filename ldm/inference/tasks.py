@@ -8,15 +8,17 @@ text / class / unconditional generation (Rombach et al. 2022, Sec. 4.4-4.5, Fig.
 
 Same contract as plain sampling (ldm/inference/sampling.py): sample i has seed `seed + i` whatever the batch
 size, `00000.png ...`, `samples.json` (one record per image, with the task and its inputs) and `grid.png`, here
-with one row per prompt: the condition, then its samples. Images must be square (the models sample squares) and
-RGB; masks binary and of the image's size; the checkpoint must have been trained for the task.
+with one row per prompt: the condition, then its samples. Images must be RGB, of any size whose sides (times the
+SR factor for `sr`) are multiples of the model's downsampling (the nets are convolutional: a model trained on
+squares samples other aspect ratios too, if less well far from its training size); masks binary and of the image's
+size; the checkpoint must have been trained for the task.
 """
 from __future__ import annotations
 
 import colorsys
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from ldm.models.concat_conditioners import (
     MaskedImageConditioner,
     SemanticMapConditioner,
     concat_parts,
+    condition_keys,
 )
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.devices import autocast_dtype, resolve_device
@@ -76,12 +79,11 @@ def read_rgb(path: str | None, option: str = "image") -> torch.Tensor:
             raise ValueError(f"{option}={path!r} has mode {image.mode}, not RGB. Convert it first, e.g. "
                              f"`Image.open(path).convert('RGB').save(new_path)` (drops alpha / expands grey).")
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    _check_square(pixels.shape[0], pixels.shape[1], option, path)
     return pixels.permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def read_mask(path: str | None, size: int) -> torch.Tensor:
-    """(1, 1, size, size) float {0, 1} from a black / white PNG (white = fill)."""
+def read_mask(path: str | None, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, height, width) float {0, 1} from a black / white PNG (white = fill) of the image's `size`."""
     if not path:
         raise ValueError("task=inpaint needs mask=PATH: a black / white PNG of the image's size, white = fill.")
     if not os.path.isfile(path):
@@ -91,8 +93,8 @@ def read_mask(path: str | None, size: int) -> torch.Tensor:
         mode = image.mode
     if mode not in ("1", "L", "RGB") or values.ndim != 2:
         raise ValueError(f"mask={path!r} is a {mode} image: pass a black / white (mode L or 1) PNG, white = fill.")
-    if values.shape != (size, size):
-        raise ValueError(f"mask={path!r} is {values.shape[1]}x{values.shape[0]} but the image is {size}x{size}: "
+    if values.shape != tuple(size):
+        raise ValueError(f"mask={path!r} is {values.shape[1]}x{values.shape[0]} but the image is {size[1]}x{size[0]}: "
                          "the mask must have the image's size (resize it with nearest-neighbour sampling).")
     levels = np.unique(values)
     if not set(levels.tolist()) <= {0, 255}:
@@ -113,31 +115,26 @@ def read_semantic_map(path: str | None, num_classes: int) -> torch.Tensor:
             raise ValueError(f"map={path!r} is a {image.mode} image: pass an 8-bit grey (L) or palette (P) PNG "
                              "whose pixel values are class indices.")
         labels = np.asarray(image, dtype=np.int64)
-    _check_square(labels.shape[0], labels.shape[1], "map", path)
     if labels.max() >= num_classes:
         raise ValueError(f"map={path!r} holds class {int(labels.max())}, but the model knows {num_classes} classes "
                          f"(0 .. {num_classes - 1}).")
     return torch.from_numpy(labels)[None, None]
 
 
-def _check_square(height: int, width: int, option: str, path: str) -> None:
-    if height != width:
-        raise ValueError(f"{option}={path!r} is {width}x{height}: the models sample square images; crop it square.")
-
-
 # ---------------------------------------------------------------- conditions of a task
 def task_inputs(model: LatentDiffusion, task: str, image: str | None = None, mask: str | None = None,
-                semantic_map: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-    """(condition tensors of one sample, the condition as an image for the grid, output side) for a task."""
+                semantic_map: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[int, int]]:
+    """(condition tensors of one sample, the condition as an image for the grid, output (height, width))."""
     check_task(model, task)
     if task == "semantic":
         labels = read_semantic_map(semantic_map, _part(model, SemanticMapConditioner).num_classes)
-        inputs, size = {"semantic_map": labels}, labels.shape[-1]
+        inputs, size = {"semantic_map": labels}, (labels.shape[-2], labels.shape[-1])
     else:
         pixels = read_rgb(image)
-        size = pixels.shape[-1]
+        size = (pixels.shape[-2], pixels.shape[-1])
         if task == "sr":
-            inputs, size = {"lowres": pixels}, size * _part(model, LowResConditioner).factor
+            factor = _part(model, LowResConditioner).factor
+            inputs, size = {"lowres": pixels}, (size[0] * factor, size[1] * factor)
         elif task == "inpaint":
             inputs = {"image": pixels, "mask": read_mask(mask, size)}
         else:  # img2img
@@ -145,25 +142,23 @@ def task_inputs(model: LatentDiffusion, task: str, image: str | None = None, mas
     return inputs, condition_images(model, inputs, size), size
 
 
-def condition_images(model: LatentDiffusion, batch: dict[str, Any], size: int) -> torch.Tensor:
-    """The first concat condition of each row as a (B, 3, size, size) image in [-1, 1], for grids: the low-res
-    image (nearest upsampling), the masked image (the hole mid-grey) or the colourised semantic map."""
+def condition_images(model: LatentDiffusion, batch: dict[str, Any], size: int | Sequence[int]) -> torch.Tensor:
+    """The first concat condition of each row as a (B, 3, H, W) image in [-1, 1] (`size`: a side or (H, W)), for
+    grids: the low-res image (nearest upsampling), the masked image (the hole mid-grey) or the colourised map."""
     part = concat_parts(model.conditioner)[0]
+    size = (size, size) if isinstance(size, int) else tuple(size)
     if isinstance(part, LowResConditioner):
-        return F.interpolate(batch["lowres"].float().cpu(), size=(size, size), mode="nearest")
+        return F.interpolate(batch["lowres"].float().cpu(), size=size, mode="nearest")
     if isinstance(part, MaskedImageConditioner):
         return batch["image"].cpu() * (1 - batch["mask"].float().cpu())
-    return F.interpolate(colorize(batch["semantic_map"].cpu(), part.num_classes), size=(size, size), mode="nearest")
+    return F.interpolate(colorize(batch["semantic_map"].cpu(), part.num_classes), size=size, mode="nearest")
 
 
 def condition_rows(model: LatentDiffusion, batch: dict[str, Any], rows: int, repeat: int) -> dict[str, Any]:
     """The condition entries of a training batch's first `rows` rows, each repeated `repeat` times, on the CPU
     (the sample grids of concat models show the same conditions all run long)."""
-    keys = {model.conditioner.batch_key} | {key for part in concat_parts(model.conditioner)
-                                             for key in ((part.batch_key,) if isinstance(part.batch_key, str)
-                                                         else part.batch_key)}
     picked: dict[str, Any] = {}
-    for key in sorted(k for k in keys if k is not None):
+    for key in condition_keys(model.conditioner):
         value = batch[key][:rows]
         if isinstance(value, torch.Tensor):
             picked[key] = value.detach().cpu().repeat_interleave(repeat, dim=0)
@@ -176,12 +171,14 @@ def _part(model: LatentDiffusion, kind: type) -> Any:
     return next(part for part in concat_parts(model.conditioner) if isinstance(part, kind))
 
 
-def check_output_size(model: LatentDiffusion, size: int) -> None:
+def check_output_size(model: LatentDiffusion, size: tuple[int, int]) -> None:
+    """Both output sides must be multiples of the total downsampling (first stage x UNet levels)."""
     multiple = model.first_stage.downsampling_factor * model.unet.downsampling_factor
-    if size % multiple:
-        raise ValueError(f"the output would be {size}x{size} px, not a multiple of {multiple} (first stage f="
-                         f"{model.first_stage.downsampling_factor} x the UNet's {model.unet.downsampling_factor}): "
-                         "resize or crop the input so that it is.")
+    height, width = size
+    if height % multiple or width % multiple:
+        raise ValueError(f"the output would be {width}x{height} px, a side not a multiple of {multiple} (first stage "
+                         f"f={model.first_stage.downsampling_factor} x the UNet's {model.unet.downsampling_factor}): "
+                         "resize or crop the input so that both sides are.")
 
 
 def colorize(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -193,7 +190,7 @@ def colorize(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- sampling a task into a folder
 def generate_task_to_dir(
-    model: LatentDiffusion, task: str, inputs: dict[str, torch.Tensor], display: torch.Tensor, size: int,
+    model: LatentDiffusion, task: str, inputs: dict[str, torch.Tensor], display: torch.Tensor, size: tuple[int, int],
     conditions: list[Any], out: str, settings: SamplerSettings, *, per_row: int, strength: float = 0.75,
     batch_size: int = 16, ckpt: str | None = None, sources: dict[str, str | None] | None = None,
     autocast_dtype: torch.dtype | None = None,

@@ -21,6 +21,10 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.settings import SamplerSettings
 from ldm.loading.exported import model_weights
 from ldm.loading.state_dicts import strip_prefix
+from ldm.loading.text_encoder_export import (
+    text_encoder_exportable,
+    write_clip_text_encoder,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -48,7 +52,8 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True, sampling: Sample
     weights = model_weights(model, use_ema)
     factor = model.first_stage.downsampling_factor
     components = {
-        "unet": (diffusers_unet_config(unet_cfg, model.hparams["image_size"] // factor),
+        "unet": (diffusers_unet_config(unet_cfg, model.hparams["image_size"] // factor,
+                                       upcast_attention=bool(unet_cfg.get("use_linear_in_transformer"))),
                  unet_to_diffusers(strip_prefix(weights, "unet."), unet_cfg)),
         "vae": (diffusers_vae_config(vae_cfg, model.hparams["image_size"], float(model.scale_factor)),
                 vae_to_diffusers(strip_prefix(weights, "first_stage."), vae_cfg)),
@@ -61,16 +66,22 @@ def export_diffusers(model, out_dir: str, use_ema: bool = True, sampling: Sample
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     scheduler = diffusers_scheduler_config(model.schedule, model.hparams["prediction_type"], settings)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler)
-    _write_json(os.path.join(out_dir, "model_index.json"), _model_index(scheduler["_class_name"], diffusers_version))
+    with_text = text_encoder_exportable(model.conditioner)
+    if with_text:
+        write_clip_text_encoder(model.conditioner, out_dir)
+    _write_json(os.path.join(out_dir, "model_index.json"),
+                _model_index(scheduler["_class_name"], diffusers_version, with_text))
     not_exported = _not_exported(model.conditioner)
     _write_readme(out_dir, not_exported, use_ema)
     return not_exported
 
 
 # ---------------------------------------------------------------- configs
-def diffusers_unet_config(unet: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
+def diffusers_unet_config(unet: Mapping[str, Any], sample_size: int, upcast_attention: bool = False) -> dict[str, Any]:
     """UNet2DConditionModel arguments. Its `attention_head_dim` is, for historical reasons, the
-    number of heads per level (diffusers' own SD 2 configs list [5, 10, 20, 20] there)."""
+    number of heads per level (diffusers' own SD 2 configs list [5, 10, 20, 20] there). `upcast_attention`:
+    SD 2.x (linear proj_in / proj_out, `use_linear_in_transformer`) computes attention scores in fp32, and its
+    release configs say so (its fp16 attention overflows without)."""
     widths = [unet["model_channels"] * mult for mult in unet["channel_mult"]]
     attention = [2**level in unet["attention_resolutions"] for level in range(len(widths))]
     heads = [unet.get("num_heads", -1) if unet.get("num_heads", -1) != -1 else w // unet["num_head_channels"]
@@ -97,7 +108,7 @@ def diffusers_unet_config(unet: Mapping[str, Any], sample_size: int) -> dict[str
         "freq_shift": 0,
         "downsample_padding": 1,
         "act_fn": "silu",
-        "upcast_attention": False,
+        "upcast_attention": upcast_attention,
     }
 
 
@@ -244,6 +255,9 @@ def _not_exported(conditioner) -> list[str]:
     name = type(conditioner).__name__
     if name == "NullConditioner":
         return []
+    if text_encoder_exportable(conditioner):  # written as text_encoder/ + tokenizer/ (text_encoder_export.py)
+        return (["cross-attention padding mask (conditioner.padding_mask): pass the conditioner's context_mask "
+                 "as the UNet's encoder_attention_mask; the pipelines do not"] if conditioner.padding_mask else [])
     details = {k: getattr(conditioner, k) for k in ("layer", "output_dim") if hasattr(conditioner, k)}
     items = [f"text_encoder / tokenizer: {name} {details} (no diffusers/transformers equivalent written; pass "
              "prompt_embeds computed with ldm's conditioner)"]
@@ -262,18 +276,21 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def _model_index(scheduler: str, diffusers_version: str) -> dict[str, Any]:
-
+def _model_index(scheduler: str, diffusers_version: str, with_text: bool = False) -> dict[str, Any]:
     absent = [None, None]
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", scheduler], "text_encoder": absent, "tokenizer": absent,
+            "scheduler": ["diffusers", scheduler],
+            "text_encoder": ["transformers", "CLIPTextModel"] if with_text else absent,
+            "tokenizer": ["transformers", "CLIPTokenizer"] if with_text else absent,
             "safety_checker": absent, "feature_extractor": absent, "requires_safety_checker": False}
 
 
 def _write_readme(out_dir: str, not_exported: list[str], use_ema: bool) -> None:
     lines = ["# Exported by `python -m ldm.cli.export format=diffusers`", "",
-             f"UNet weights: {'EMA' if use_ema else 'raw (not EMA)'}. Components: unet/, vae/, scheduler/.", ""]
+             f"UNet weights: {'EMA' if use_ema else 'raw (not EMA)'}. Components: unet/, vae/, scheduler/"
+             f"{', text_encoder/, tokenizer/' if not any(i.startswith('text_encoder') for i in not_exported) else ''}.",
+             ""]
     lines += ["## Not exported", ""] + [f"- {item}" for item in not_exported or ["nothing"]]
     with open(os.path.join(out_dir, "README.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 OUR_EMA_PREFIX = "ema."
 OPTIONAL_PARTS = ("first_stage", "conditioner")
 FIRST_CONV = "unet.input_blocks.0.0.weight"
+TRAINABLE_PARTS = ("unet", "conditioner")  # what LatentDiffusion.trainable (and so its EMA) may hold
 
 
 def load_weights_into(model, path: str, use_ema: bool = False) -> None:
@@ -56,7 +57,7 @@ def load_state_into(model, state_dict: Mapping[str, Tensor], source: str, use_em
     if any(key.startswith(UNET_PREFIX) for key in state_dict):
         ours = compvis_to_ours(state_dict, [name for name, _ in model.unet.named_parameters()], use_ema, source)
     elif any(key.startswith("unet.") for key in state_dict):
-        ours = _ours_with_ema(state_dict, [name for name, _ in model.trainable.named_parameters()], use_ema, source)
+        ours = _ours_with_ema(state_dict, use_ema, source)
     else:
         raise CheckpointMismatchError(
             f"{source} has no UNet weights: expected keys model.diffusion_model.* (CompVis / Stable Diffusion) "
@@ -115,14 +116,17 @@ def compvis_to_ours(
     return ours
 
 
-def _ours_with_ema(
-    state_dict: Mapping[str, Tensor], trainable_names: list[str], use_ema: bool, source: str
-) -> dict[str, Tensor]:
+def _ours_with_ema(state_dict: Mapping[str, Tensor], use_ema: bool, source: str) -> dict[str, Tensor]:
     """Our own layout: the EMA shadows (`ema.<name without dots>`) replace the trainable weights
-    when asked; the EMA buffers themselves never load (the EMA restarts)."""
+    when asked; the EMA buffers themselves never load (the EMA restarts).
+
+    The shadows are looked up by the file's own weight names (its UNet and conditioner, what its EMA tracked),
+    not the receiving model's: a text-to-image file's `conditioner.*` shadows then still replace its text
+    encoder before `_into_composite` moves it to `conditioner.parts.<text>.*` of an inpainting model."""
     ours = {key: value for key, value in state_dict.items() if not key.startswith(OUR_EMA_PREFIX)}
     if use_ema:
-        shadows = {OUR_EMA_PREFIX + name.replace(".", ""): name for name in trainable_names}
+        trainable = [name for name in ours if name.split(".")[0] in TRAINABLE_PARTS]
+        shadows = {OUR_EMA_PREFIX + name.replace(".", ""): name for name in trainable}
         if not any(key in state_dict for key in shadows):
             raise CheckpointMismatchError(f"{source} has no EMA weights (ema.*): load it with use_ema=False.")
         ours.update({name: state_dict[key] for key, name in shadows.items() if key in state_dict})

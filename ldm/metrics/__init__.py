@@ -12,7 +12,11 @@ from ldm.metrics.extractors import (
 )
 from ldm.metrics.frechet import feature_statistics, frechet_distance
 from ldm.metrics.inception_score import inception_score
-from ldm.metrics.precision_recall import density_coverage, precision_recall
+from ldm.metrics.precision_recall import (
+    density_coverage,
+    manifold_membership,
+    precision_recall,
+)
 from ldm.metrics.stats_cache import (
     ReferenceStatistics,
     reference_identity,
@@ -29,6 +33,7 @@ __all__ = [
     "frechet_distance",
     "images_to_uint8",
     "inception_score",
+    "manifold_membership",
     "precision_recall",
     "reference_identity",
     "reference_statistics",

@@ -195,19 +195,9 @@ class CLIPFeatures(ResizingExtractor):
         super().__init__()
         import open_clip
 
-        if arch not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models().")
-        if not pretrained:
-            raise ValueError("CLIP features need pretrained weights: pass a tag (e.g. 'openai') or a local file.")
-        is_file = os.path.isfile(pretrained)
-        if not is_file and not downloads_allowed():
-            raise WeightsUnavailableError(_clip_hint(arch, pretrained, "downloads are disabled (offline)"))
-        try:
-            model = open_clip.create_model(arch, pretrained=pretrained, device=device)
-        except Exception as error:  # open_clip / huggingface_hub raise many types for a missing file
-            raise WeightsUnavailableError(_clip_hint(arch, pretrained, f"{type(error).__name__}: {error}")) from error
+        model, identity = load_open_clip(arch, pretrained, device, option="features")
         self.visual = model.visual.eval().requires_grad_(False)
-        self.arch, self.pretrained = arch, file_digest(pretrained) if is_file else pretrained
+        self.arch, self.pretrained = arch, identity
         self.dim = int(self.visual.output_dim)
         size = self.visual.image_size
         self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -304,14 +294,41 @@ def _load_weights_file(path: str, release: str) -> dict[str, Any]:
             f"{error} Replace {path} with {release}, or pass features.weights_path=/path/to/a/good/copy.") from None
 
 
-def _clip_hint(arch: str, pretrained: str, reason: str) -> str:
+def load_open_clip(arch: str, pretrained: str, device: str | torch.device = "cpu",
+                   option: str = "features") -> tuple[nn.Module, str]:
+    """An open_clip model (both towers) and the identity of its weights (the tag, or a local file's digest):
+    `pretrained` is an open_clip tag (e.g. `openai`, from the Hugging Face hub or its cache) or a local state
+    dict. Offline without the file, or on a failed download, WeightsUnavailableError names the file to place
+    and `<option>.pretrained=`, the key to set."""
     import open_clip
 
-    source = open_clip.get_pretrained_cfg(arch, pretrained).get("hf_hub") or "its release URL"
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {option}.arch={arch!r}; see open_clip.list_models().")
+    if not pretrained:
+        raise ValueError(f"{option}.pretrained is empty: CLIP needs pretrained weights, a tag (e.g. 'openai') or "
+                         "a local file.")
+    is_file = os.path.isfile(pretrained)
+    if not is_file and not downloads_allowed():
+        raise WeightsUnavailableError(_clip_hint(arch, pretrained, "downloads are disabled (offline)", option))
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained, device=device)
+    except Exception as error:  # open_clip / huggingface_hub raise many types for a missing file
+        raise WeightsUnavailableError(_clip_hint(arch, pretrained, f"{type(error).__name__}: {error}",
+                                                 option)) from error
+    return model.eval().requires_grad_(False), file_digest(pretrained) if is_file else pretrained
+
+
+def _clip_hint(arch: str, pretrained: str, reason: str, option: str = "features") -> str:
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(arch, pretrained)
+    hub = config.get("hf_hub")
+    source = (f"https://huggingface.co/{hub.rstrip('/')}/blob/main/open_clip_model.safetensors" if hub
+              else config.get("url") or "its release URL")
     return (
-        f"cannot load CLIP weights {arch}/{pretrained} ({reason}). Fetch them from {source} into the "
-        f"Hugging Face cache ($HF_HOME) with network access once, or pass a local state dict: "
-        f"features.pretrained=/path/to/open_clip_model.safetensors (features.arch={arch})."
+        f"cannot load CLIP weights {arch}/{pretrained} ({reason}). Fetch {source} into the Hugging Face cache "
+        f"($HF_HOME) with network access once, or place that file and pass it: "
+        f"{option}.pretrained=/path/to/open_clip_model.safetensors ({option}.arch={arch})."
     )
 
 

@@ -27,12 +27,23 @@ def precision_recall(
     with f ∈ manifold(S) iff ‖f − s‖ ≤ NND_k(s) for some s ∈ S (inclusive, as the authors' code and
     torch-fidelity). k = 3 is the paper's default.
     """
+    fake_inside, real_inside = manifold_membership(real, fake, k, batch_size)
+    return float(fake_inside.mean()), float(real_inside.mean())
+
+
+def manifold_membership(
+    real: ArrayLike, fake: ArrayLike, k: int = 3, batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-point terms of precision and recall: (fake_j ∈ manifold(real) for each j, real_i ∈ manifold(fake)
+    for each i), booleans whose means are precision and recall. Intervals resample these terms: resampling the
+    points themselves would duplicate some, and a duplicate's k-th neighbour distance collapses, which shrinks
+    its set's manifold and biases the resampled recall downwards."""
     real, fake = _as_feature_pair(real, fake, k)
     real_radii = _kth_neighbour_radii(real, k, batch_size)
     fake_radii = _kth_neighbour_radii(fake, k, batch_size)
-    precision = _balls_containing(fake, real, real_radii, batch_size, inclusive=True).gt(0).double().mean()
-    recall = _balls_containing(real, fake, fake_radii, batch_size, inclusive=True).gt(0).double().mean()
-    return float(precision), float(recall)
+    fake_inside = _balls_containing(fake, real, real_radii, batch_size, inclusive=True).gt(0)
+    real_inside = _balls_containing(real, fake, fake_radii, batch_size, inclusive=True).gt(0)
+    return fake_inside.cpu().numpy(), real_inside.cpu().numpy()
 
 
 def density_coverage(

@@ -36,8 +36,8 @@ DEFAULT_MAX_STORED_FEATURES = 10_000
 class ReferenceStatistics:
     mu: np.ndarray
     sigma: np.ndarray
-    features: np.ndarray  # float32, at most max_stored_features rows (see module docstring)
-    num_samples: int  # how many features mu and sigma were computed from
+    features: np.ndarray | None  # float32, at most max_stored_features rows (None: published mu / sigma only)
+    num_samples: int | None  # how many features mu and sigma were computed from (None: unknown)
     identity: dict[str, Any]
     path: str
     cache_hit: bool

@@ -97,7 +97,9 @@ class AutoencoderKL(pl.LightningModule):
         log["nonfinite_steps"] = float(self.nonfinite_steps)
         total = log.pop("loss")
         batch_size = images.shape[0]
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", total, batch_size=batch_size)  # with the learned log-variance: unbounded below
+        if "rec_loss" in log:  # the headline (progress bar, as the log's progress lines): reconstruction quality
+            self.log("train/rec_loss", log.pop("rec_loss"), prog_bar=True, batch_size=batch_size)
         # corrupt samples the data pipeline dropped while building this batch (summed over the epoch)
         self.log("data/skipped_samples", float(batch.get("num_skipped", 0)), reduce_fx="sum", on_epoch=True,
                  batch_size=batch_size)

@@ -229,6 +229,13 @@ def concat_parts(conditioner: nn.Module) -> list[ConcatConditioner]:
     return [conditioner] if isinstance(conditioner, ConcatConditioner) else []
 
 
+def condition_keys(conditioner: nn.Module) -> list[str]:
+    """Every batch entry a model's conditioning reads: the text / class key, then its concat parts' keys (what an
+    evaluation or a sample grid of an image-conditioned model must take from the data, row by row)."""
+    keys = [conditioner.batch_key] if conditioner.batch_key is not None else []
+    return list(dict.fromkeys(keys + [key for part in concat_parts(conditioner) for key in _keys(part)]))
+
+
 def as_batch(conditioner: nn.Module, conditions: Any) -> dict[str, Any]:
     """`generate()`'s conditions as a batch: a mapping is one already; prompts / labels go to the batch key."""
     if isinstance(conditions, Mapping):

@@ -17,6 +17,7 @@ import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import nn
 
+from ldm.models.vocabulary import DataVocabulary
 from ldm.utils.downloads import download_blocker
 from ldm.utils.files import load_checkpoint
 
@@ -93,6 +94,7 @@ class _TokenConditioner(nn.Module):
                 "A text model needs the batch's 'caption' entry (an empty string for no caption)."
             )
         tokens = self._padded(self.tokenizer(list(inputs)))
+        self.check_tokens(tokens)
         if device.type == "cuda":
             tokens = tokens.pin_memory()  # pinned: the copy below runs asynchronously
         return tokens.to(device, non_blocking=True)
@@ -108,6 +110,9 @@ class _TokenConditioner(nn.Module):
             return None
         return self.tokenizer.decode(ids[: self.context_length - 2]).strip()
 
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Host-side look at freshly tokenized prompts (a data vocabulary flags its unknown tokens)."""
+
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -118,7 +123,10 @@ class TextTransformer(_TokenConditioner):
     transformer layers, final LayerNorm; every token state is a cross-attention key (Eq. 3).
 
     torch's `nn.TransformerEncoderLayer` (fused fast path in inference) measured as fast as an
-    SDPA-block implementation on CPU (fwd+bwd and inference within 3 %), so it is used here."""
+    SDPA-block implementation on CPU (fwd+bwd and inference within 3 %), so it is used here.
+
+    `vocabulary`: the token ids of the training captions (train.py fills `data` in): the embedding then has a
+    row per used token plus an out-of-vocabulary row (ldm/models/vocabulary.py); None: all of the tokenizer's."""
 
     def __init__(
         self,
@@ -129,6 +137,7 @@ class TextTransformer(_TokenConditioner):
         tokenizer: str = "ViT-L-14",
         dropout: float = 0.0,
         padding_mask: bool = False,
+        vocabulary: Sequence[int] | str | None = None,
     ) -> None:
         super().__init__(tokenizer, padding_mask)
         if width % heads != 0:
@@ -139,7 +148,9 @@ class TextTransformer(_TokenConditioner):
                 f"tokens per prompt; pass context_length={self.context_length}."
             )
         self.output_dim = width
-        self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, width)
+        self.vocabulary = None if vocabulary is None else DataVocabulary(vocabulary, self.tokenizer.vocab_size)
+        rows = self.tokenizer.vocab_size if self.vocabulary is None else self.vocabulary.num_embeddings
+        self.token_embedding = nn.Embedding(rows, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         layer = nn.TransformerEncoderLayer(
             width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
@@ -149,8 +160,13 @@ class TextTransformer(_TokenConditioner):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        if self.vocabulary is not None:
+            self.vocabulary.check(tokens, self.tokenizer.decode)
+
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(tokens) + self.positional_embedding
+        rows = tokens if self.vocabulary is None else self.vocabulary(tokens)
+        x = self.token_embedding(rows) + self.positional_embedding
         return self.ln_final(self.transformer(x))
 
 

@@ -10,6 +10,10 @@ The shadows are buffers of this module, so they travel in the owner's state_dict
 `<attribute>.<param name without dots>`, the key layout of `LitEma`), move with `.to(device)`, and
 are invisible to an optimizer built from `parameters()`. The owner passes the tracked module to
 every call instead of this module keeping a reference, which would register the weights twice.
+
+Under FSDP2 the parameters are DTensor shards; `shard_like` shards each shadow with its parameter's
+placements, and every update / copy then runs on the local shards alone (no communication). The state
+dict then holds DTensor shadows, which torch.distributed.checkpoint saves sharded or gathers in full.
 """
 from __future__ import annotations
 
@@ -54,18 +58,18 @@ class EMA(nn.Module):
             n = self.num_updates.to(torch.float32)
             decay = torch.clamp((1 + n) / (10 + n), max=self.decay)
         # lerp(shadow, param, w) = shadow + w (param - shadow) = decay * shadow + (1 - decay) * param
-        torch._foreach_lerp_(self.shadows(), self._tracked(model), 1 - decay)
+        torch._foreach_lerp_(_local(self.shadows()), _local(self._tracked(model)), 1 - decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the model's tracked weights with the averages."""
-        torch._foreach_copy_(self._tracked(model), self.shadows())
+        torch._foreach_copy_(_local(self._tracked(model)), _local(self.shadows()))
 
     @contextmanager
     def swap(self, model: nn.Module) -> Iterator[None]:
         """Run the block with the EMA weights in `model`; its own weights come back afterwards,
         even when the block raises."""
-        params = self._tracked(model)
+        params = _local(self._tracked(model))
         with torch.no_grad():
             backup = [p.detach().clone() for p in params]
         self.copy_to(model)
@@ -74,6 +78,17 @@ class EMA(nn.Module):
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
+
+    @torch.no_grad()
+    def shard_like(self, model: nn.Module) -> None:
+        """Shard each shadow as its (FSDP2 DTensor) parameter is sharded; plain parameters keep plain shadows."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for name, param in zip(self.param_names, self._tracked(model)):
+            key = name.replace(".", "")
+            shadow = self._buffers[key]
+            if isinstance(param, DTensor) and not isinstance(shadow, DTensor):
+                self._buffers[key] = distribute_tensor(shadow.to(param.device), param.device_mesh, param.placements)
 
     def shadows(self) -> list[torch.Tensor]:
         return [self._buffers[name.replace(".", "")] for name in self.param_names]
@@ -87,3 +102,8 @@ class EMA(nn.Module):
                 f"{' ...' if len(missing) > 5 else ''}. Pass the same module (names) the EMA was built from."
             )
         return [params[name] for name in self.param_names]
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of DTensors (the tensors themselves otherwise): in-place ops on them write the DTensor."""
+    return [t._local_tensor if hasattr(t, "_local_tensor") else t for t in tensors]

@@ -20,8 +20,20 @@ from torch import nn
 
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.pipeline import LatentPipeline, posterior_sample
+from ldm.diffusion.samplers import StepCallback
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.diffusion.settings import SamplerSettings
+from ldm.models.acceleration import (
+    accept_compiled_keys,
+    attention_kernel,
+    check_options,
+    compile_in_place,
+    compile_targets,
+    freeze_to_dtype,
+    set_tf32,
+    strip_compiled_prefix,
+    use_channels_last,
+)
 from ldm.models.concat_conditioners import (
     as_batch,
     concat_channels_of,
@@ -32,7 +44,13 @@ from ldm.models.concat_conditioners import (
 from ldm.models.conditioners import drop_mask
 from ldm.models.ema import EMA
 from ldm.models.nonfinite import NonFiniteGradientGuard
-from ldm.models.optimization import effective_learning_rate
+from ldm.models.optimization import (
+    build_optimizer,
+    check_lr_schedule,
+    effective_learning_rate,
+    lr_multiplier,
+)
+from ldm.models.sharding import full_parameters, is_sharded, shard_latent_diffusion
 from ldm.nets.unet import UNetModel
 from ldm.nets.vae import AutoencoderNet
 
@@ -64,16 +82,32 @@ class LatentDiffusion(pl.LightningModule):
         weight_decay: float = 0.01,
         adam_betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        optimizer: dict | None = None,
+        lr_schedule: str = "constant",
+        lr_decay_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
         ema_decay: float = 0.9999,
         schedule: dict | None = None,
         max_nonfinite_steps: int = 10,
+        compile: bool = False,
+        compile_mode: str = "default",
+        compile_backend: str = "inductor",
+        frozen_dtype: str | None = None,
+        channels_last: bool = False,
+        sdpa_backend: str | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         """`first_stage` holds the autoencoder's constructor arguments; its weights arrive with the state
         dict. This module opens no file: `ldm.loading.build_latent_diffusion` fills `first_stage` in from
         `first_stage_ckpt` (kept as a record of where the weights came from) and loads them, so a
-        checkpoint of this module rebuilds from its hyperparameters alone."""
+        checkpoint of this module rebuilds from its hyperparameters alone. `optimizer` is a Hydra partial
+        (None: AdamW with `adam_betas` and `weight_decay`); `lr_schedule` follows `warmup_steps` of linear
+        warm-up (ldm.models.optimization.lr_multiplier). `compile` ... `allow_tf32`: speed switches that keep
+        the state-dict layout (ldm/models/acceleration.py)."""
         super().__init__()
         self.save_hyperparameters()
+        check_lr_schedule(lr_schedule, min_lr_ratio)
+        check_options(compile_mode, sdpa_backend, frozen_dtype)
         if first_stage is None:
             raise ValueError(
                 "LatentDiffusion needs `first_stage` (the autoencoder's constructor arguments). Build it with "
@@ -93,6 +127,18 @@ class LatentDiffusion(pl.LightningModule):
         self._scale_factor_ready = scale_factor is not None
         self.ema = EMA(self.trainable, decay=ema_decay) if ema_decay > 0 else None
         self.nonfinite_guard = NonFiniteGradientGuard(max_nonfinite_steps)
+        self._accelerate(compile, compile_mode, compile_backend, frozen_dtype, channels_last, allow_tf32)
+
+    def _accelerate(self, compile: bool, mode: str, backend: str, frozen_dtype: str | None, channels_last: bool,
+                    allow_tf32: bool) -> None:
+        """After the EMA is built (its shadows stay fp32 and keep the eager names)."""
+        accept_compiled_keys(self)
+        freeze_to_dtype(self.first_stage, self.conditioner, frozen_dtype)
+        if channels_last:
+            use_channels_last([self.unet, self.first_stage])
+        set_tf32(allow_tf32)
+        if compile:
+            compile_in_place(compile_targets(self.unet, self.first_stage, self.conditioner), mode, backend)
 
     @property
     def trainable(self) -> nn.ModuleDict:
@@ -155,7 +201,8 @@ class LatentDiffusion(pl.LightningModule):
     # ---------------------------------------------------------------- training
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         x, kwargs = unet_inputs(latents, cond)  # a `concat` condition is stacked on z_t's channels (Fig. 3)
-        return self.unet(x, timesteps, **kwargs)
+        with attention_kernel(self.hparams.get("sdpa_backend")):
+            return self.unet(x, timesteps, **kwargs)
 
     def conditioning(self, batch: Mapping[str, Any], drop: torch.Tensor | None,
                      latent_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
@@ -260,36 +307,53 @@ class LatentDiffusion(pl.LightningModule):
         settings: SamplerSettings | dict | None = None,
         *,
         seed_offset: int = 0,
-        image_size: int | None = None,
+        image_size: int | Sequence[int] | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
         progress: bool = False,
+        negative_prompt: str | Sequence[str] | None = None,
+        callback: StepCallback | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         """Images in [-1, 1] for prompts / class labels (or `num_samples` for unconditional models), or for a
         batch of conditions ({"caption": [...], "lowres": ..., "image": ..., "mask": ..., "semantic_map": ...}),
         sampled with `settings` (SamplerSettings defaults where None; keyword `overrides` such as steps=20 win).
-        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size."""
-        return self.pipeline()(
-            as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
-            image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
-            strength=strength, progress=progress,
-        )
+        Sample i uses the seed `seed + seed_offset + i`, so it is the same whatever the batch size. `image_size`
+        is a side or (height, width), multiples of the first stage's factor (None: the training size);
+        `negative_prompt` replaces the empty prompt in guidance's unconditional branch (LatentPipeline.conditions)."""
+        with full_parameters(self):  # sharded (FSDP2): gathered once, not in each of the steps' forwards
+            return self.pipeline()(
+                as_batch(self.conditioner, conditions), num_samples, SamplerSettings.of(settings, **overrides),
+                image_size=image_size or self.hparams.image_size, seed_offset=seed_offset, init_images=init_images,
+                strength=strength, progress=progress, negative_prompt=negative_prompt, callback=callback,
+            )
 
     # ---------------------------------------------------------------- optimisation
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (`trainer=fsdp2`): FSDP2-shard the trainable nets and the EMA
+        over the data-parallel mesh (ldm/models/sharding.py). Other strategies set no mesh: nothing happens."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not is_sharded(self.unet):
+            shard_latent_diffusion(self, mesh["data_parallel"] if mesh.mesh_dim_names else mesh)
+
     def configure_optimizers(self) -> Any:
         lr = effective_learning_rate(self.hparams.learning_rate, self.hparams.scale_lr, self._trainer,
                                      self.hparams.batch_size)
-        optimizer = torch.optim.AdamW(
-            self.trainable.parameters(),
-            lr=lr,
-            betas=tuple(self.hparams.adam_betas),
-            weight_decay=self.hparams.weight_decay,
-            fused=True,
-        )
-        warmup = max(1, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        hp = self.hparams
+        optimizer = build_optimizer(hp.get("optimizer"), self.trainable.parameters(), lr,
+                                    betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
+        schedule, warmup, min_ratio = hp.get("lr_schedule", "constant"), hp.warmup_steps, hp.get("min_lr_ratio", 0.0)
+        total = hp.get("lr_decay_steps") or (self._trainer.max_steps if self._trainer is not None else None)
+        if schedule != "constant":
+            lr_multiplier(warmup, schedule, warmup, total, min_ratio)  # a missing decay length fails here, not mid-run
+        # a lambda (not a callable object): LambdaLR then saves no schedule state, so a resume with a new
+        # trainer.max_steps ("train longer") decays to the new end
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, schedule, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = strip_compiled_prefix(checkpoint["state_dict"])  # eager names, always
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._scale_factor_ready = not math.isnan(float(checkpoint["state_dict"]["scale_factor"]))

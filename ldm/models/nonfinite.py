@@ -6,6 +6,9 @@ GradScaler uses) and leave parameters, moments and the step count untouched when
 are read on the host only when they are logged, which is also when a run of too many bad steps in a
 row stops training with a clear error (`NonFiniteTrainingError`, which names the checkpoint of the last good
 weights once the trainer has saved it).
+
+Sharded gradients (FSDP2 DTensors): each rank sees only its shard, so the verdict is all-reduced (MAX of
+"bad" over ranks): every rank skips the same steps and the shards never disagree about a step.
 """
 from __future__ import annotations
 
@@ -45,7 +48,11 @@ class NonFiniteGradientGuard:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return torch.ones((), dtype=torch.bool)
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        sharded = [g for g in grads if hasattr(g, "_local_tensor")]
+        local = [g._local_tensor if hasattr(g, "_local_tensor") else g for g in grads]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(local)).sum())
+        if sharded:
+            finite = all_ranks_finite(finite, sharded[0].device_mesh.get_group())
         if not optimizer.defaults.get("fused"):
             raise ValueError("NonFiniteGradientGuard needs a fused optimizer (Adam/AdamW with fused=True).")
         optimizer.found_inf = (~finite).float()
@@ -79,3 +86,12 @@ class NonFiniteGradientGuard:
                 f"{self.max_consecutive}); they were skipped and the run is stopped. Lower the learning rate, "
                 "enable gradient clipping (trainer.gradient_clip_val=1.0), or check the data."
             )
+
+
+def all_ranks_finite(finite: torch.Tensor, group) -> torch.Tensor:
+    """True only where every rank of `group` found its gradient shards finite (one all-reduce of a scalar)."""
+    import torch.distributed as dist
+
+    bad = (~finite).to(torch.float32)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return bad == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -14,6 +15,7 @@ from ldm.evaluation.evaluate import (
     EvaluationOptions,
     build_features,
     check_sample_count,
+    condition_captions,
     evaluate_images,
     evaluation_conditions,
     reference_statistics_for,
@@ -22,6 +24,13 @@ from ldm.evaluation.image_sources import (
     DataSplitImages,
     data_identity,
     datamodule_identity,
+)
+from ldm.evaluation.sweep import (
+    TABLE_COLUMNS,
+    plot_sweep,
+    setting_label,
+    sweep_settings,
+    sweep_table,
 )
 from ldm.inference.sampling import as_model_inputs
 from ldm.inference.tasks import condition_images, condition_rows
@@ -48,7 +57,7 @@ class SampleGrid(pl.Callback):
         self.every_n_steps = every_n_steps
         self.settings = SamplerSettings.of(sampling)
         self.prompts = list(prompts)
-        self.classes = list(classes)
+        self.classes = list(classes or ())  # null in the config: train.py derives them (ldm/training/preflight.py)
         self.samples_per_condition = samples_per_condition
         self._last_logged_step = -1
         self._fixed_conditions: dict[str, Any] | None = None  # concat models: conditions from a training batch
@@ -110,6 +119,13 @@ class EvaluationCallback(pl.Callback):
     """Every `every_n_steps` (and at the end of training): FID, precision / recall, density / coverage, IS
     and (shapes) prompt fidelity of `num_samples` images drawn with the EMA weights, against the
     datamodule's val split; logged as `eval/<metric>` and appended to `<run dir>/eval/metrics.jsonl`.
+    Image-conditioned models (concat) are sampled for the val samples' own conditions (low-res image, mask, map).
+
+    `cfg_scales` (e.g. [1.5, 3, 5]) adds the quality-diversity curve of `ldm.evaluation.sweep` at each
+    evaluation: the same samples (same conditions and seeds) drawn at each guidance scale, against the same
+    reference statistics, logged as `eval/<metric>@cfg<s>` (FID, KID, precision, recall, density, coverage, IS,
+    prompt fidelity, seconds per image), with the table and plot in `<run dir>/eval/cfg_step<step>.md|.png`
+    (`evaluate.py sweep.cfg_scale=...` on the checkpoint gives the same numbers).
 
     The extractor, the reference statistics (cached under `cache_dir`) and the conditions are ready at
     fit start, so a missing weight file stops the run before training, not after `every_n_steps`.
@@ -132,12 +148,15 @@ class EvaluationCallback(pl.Callback):
         num_real: int | None = 1000,
         cache_dir: str = ".cache/metrics",
         data_identity: Any = None,
+        cfg_scales: Sequence[float] | None = None,
     ) -> None:
         """`sampling` as SampleGrid's; `features` as in configs/features/ (a name or `{name: ..., **kwargs}`);
         `data_identity` names the reference data for the statistics cache (the data config), default: the
         datamodule's hparams."""
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
         self.settings = SamplerSettings.of(sampling)
+        scales = [float(scale) for scale in cfg_scales or ()]
+        self.cfg_settings = sweep_settings(self.settings, {"cfg_scale": scales}) if scales else []
         features = {"name": features} if isinstance(features, str) else dict(features)
         self.options = EvaluationOptions(features=features, k=k, density_k=density_k, num_real=num_real,
                                          cache_dir=cache_dir, batch_size=batch_size)
@@ -172,15 +191,26 @@ class EvaluationCallback(pl.Callback):
         self._last_step = step
         was_training = pl_module.training
         pl_module.eval()
+        drawn = [self.settings] + [setting for setting in self.cfg_settings if setting != self.settings]
         with pl_module.ema_weights():
-            images = self._sample_share_and_gather(trainer, pl_module)
+            results = [self._evaluate_setting(trainer, pl_module, setting) for setting in drawn]
         pl_module.train(was_training)
-        captions = [condition if isinstance(condition, str) else "" for condition in self._conditions]
+        metrics = results[0]
+        curve = [{"setting": setting.as_dict(), "label": setting_label(setting), **results[drawn.index(setting)]}
+                 for setting in self.cfg_settings]
+        self._log(trainer, metrics, step, curve)
+        return metrics
+
+    def _evaluate_setting(self, trainer: pl.Trainer, pl_module: Any, settings: SamplerSettings) -> dict[str, Any]:
+        """The metrics of the evaluation samples drawn with `settings` (every rank returns rank 0's)."""
+        start = time.perf_counter()
+        images = self._sample_share_and_gather(trainer, pl_module, settings)
+        seconds = (time.perf_counter() - start) / len(self._conditions)
+        captions = condition_captions(self._conditions)
         metrics = self._on_rank_zero(trainer, lambda: evaluate_images(
             images, self._reference, self._extractor, k=self.options.k, density_k=self.options.density_k,
             captions=captions, batch_size=self.batch_size))
-        self._log(trainer, metrics, step)
-        return metrics
+        return {**metrics, "seconds_per_image": seconds}
 
     @staticmethod
     def _on_rank_zero(trainer: pl.Trainer, compute: Callable[[], Any]) -> Any:
@@ -207,9 +237,9 @@ class EvaluationCallback(pl.Callback):
         # loaders that split shards by rank (webdataset) show rank 0 a 1/world part of the split
         self._reference = reference_statistics_for(reference, self._extractor, options,
                                                    reference_ranks=trainer.world_size)
-        return evaluation_conditions(pl_module, self.num_samples, reference.captions)
+        return evaluation_conditions(pl_module, self.num_samples, reference.captions, rows=reference.condition_rows)
 
-    def _sample_share_and_gather(self, trainer: pl.Trainer, pl_module: Any) -> torch.Tensor:
+    def _sample_share_and_gather(self, trainer: pl.Trainer, pl_module: Any, settings: SamplerSettings) -> torch.Tensor:
         """uint8 (num_samples, 3, H, W) on every rank; rank r draws samples [r*share, (r+1)*share)."""
         conditions = self._conditions
         share = -(-len(conditions) // trainer.world_size)
@@ -219,7 +249,7 @@ class EvaluationCallback(pl.Callback):
         batches = []
         for offset in range(0, share, self.batch_size):
             chunk = mine[offset:offset + self.batch_size]
-            images = pl_module.generate(as_model_inputs(chunk), len(chunk), self.settings, seed_offset=first + offset)
+            images = pl_module.generate(as_model_inputs(chunk), len(chunk), settings, seed_offset=first + offset)
             batches.append(images_to_uint8(images))
         local = torch.cat(batches)
         gathered = trainer.strategy.all_gather(local)  # (world, share, 3, H, W); unchanged on one device
@@ -230,15 +260,32 @@ class EvaluationCallback(pl.Callback):
         identity = datamodule_identity(datamodule) if self.data_identity is None else data_identity(self.data_identity)
         return DataSplitImages(datamodule, identity, prepare=False)
 
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
-        """To every logger at this exact step (self.log would wait for a logging step), and to a JSONL file."""
-        scalars = {f"eval/{key}": float(value) for key, value in metrics.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int, curve: list[dict[str, Any]]) -> None:
+        """To every logger at this exact step (self.log would wait for a logging step), and to a JSONL file;
+        the cfg curve's table and plot beside it."""
+        scalars = {f"eval/{key}": float(value) for key, value in metrics.items() if _is_number(value)}
+        for record in curve:
+            scalars.update({f"eval/{key}@cfg{record['setting']['cfg_scale']:g}": float(record[key])
+                            for key in CURVE_METRICS if _is_number(record.get(key))})
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        if trainer.is_global_zero:
-            self.history.append({"step": step, **metrics})
-            path = os.path.join(trainer.default_root_dir, "eval", "metrics.jsonl")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
+        if not trainer.is_global_zero:
+            return
+        entry = {"step": step, **metrics, **({"cfg_curve": curve} if curve else {})}
+        self.history.append(entry)
+        folder = os.path.join(trainer.default_root_dir, "eval")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps(entry, default=str) + "\n")
+        if curve:
+            with open(os.path.join(folder, f"cfg_step{step:07d}.md"), "w") as handle:
+                handle.write(sweep_table(curve))
+            plot = plot_sweep(curve, os.path.join(folder, f"cfg_step{step:07d}.png"))
+            log_image_grid(trainer, "eval/cfg_curve", plot, step=step)
+
+
+CURVE_METRICS = tuple(key for key, _ in TABLE_COLUMNS)  # the sweep table's columns (interval columns: not scalars)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

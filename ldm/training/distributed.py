@@ -1,4 +1,5 @@
-"""Scale-out plumbing: the FSDP wrap policy, the cluster plugins, and one run directory per DDP run.
+"""Scale-out plumbing: the FSDP wrap policy, the FSDP2 strategy (`trainer=fsdp2`, CPU or GPU), the cluster
+plugins, and one run directory per DDP run.
 
 Lightning does the distributed work (DDP / FSDP strategies, SLURM detection, requeue); this module only
 supplies what Lightning cannot know about this project, and fixes what Lightning 2.6 gets wrong under
@@ -23,36 +24,19 @@ from contextlib import contextmanager
 
 import torch
 from omegaconf import read_write
-from torch import nn
+from pytorch_lightning.strategies import ModelParallelStrategy
 
-from ldm.nets.attention import BasicTransformerBlock, SpatialTransformer
-from ldm.nets.unet import ResBlock
-from ldm.nets.vae import ResnetBlock
+from ldm.models.sharding import fsdp_unit_classes, fsdp_unit_names, fully_shard_units  # noqa: F401 (re-exported)
 
-# The FSDP units: each holds a few MB-GB of weights and runs as one piece of the forward pass.
-# SpatialTransformer contains BasicTransformerBlocks: FSDP nests them (the outer unit keeps norm/proj).
-FSDP_UNIT_CLASSES: tuple[type[nn.Module], ...] = (
-    ResBlock, BasicTransformerBlock, SpatialTransformer, ResnetBlock, nn.TransformerEncoderLayer,
-)
 # Environment variables Lightning's subprocess launcher sets in the launching process.
 LAUNCHER_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Hydra overrides a DDP child may keep; launcher, sweeper, mode and directories are the parent's business.
 CHILD_HYDRA_OVERRIDE_PREFIXES = ("hydra.job.", "hydra.verbose", "hydra/job_logging", "hydra/hydra_logging")
 
 
-def fsdp_unit_classes() -> set[type[nn.Module]]:
-    """UNet ResBlock / BasicTransformerBlock / SpatialTransformer, VAE ResnetBlock, text transformer layers
-    (and open_clip's when it is installed)."""
-    classes = set(FSDP_UNIT_CLASSES)
-    try:
-        from open_clip.transformer import ResidualAttentionBlock
-    except ImportError:  # open_clip is optional for models without a frozen CLIP text tower
-        return classes
-    return classes | {ResidualAttentionBlock}
-
-
 def fsdp_wrap_policy():
-    """The `auto_wrap_policy` of `configs/trainer/fsdp.yaml`: one FSDP unit per block of `fsdp_unit_classes`."""
+    """The `auto_wrap_policy` of `configs/trainer/fsdp.yaml`: one FSDP unit per block of `fsdp_unit_classes`
+    (ldm/models/sharding.py: the units FSDP2 shards at too)."""
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     return ModuleWrapPolicy(fsdp_unit_classes())
@@ -77,22 +61,20 @@ def fsdp_mixed_precision(param_dtype: str = "bfloat16", reduce_dtype: str = "flo
                           buffer_dtype=dtype(buffer_dtype))
 
 
-def fsdp_unit_names(model: nn.Module) -> list[str]:
-    """Qualified names of the submodules the wrap policy makes FSDP units (outer before inner)."""
-    classes = tuple(fsdp_unit_classes())
-    return [name for name, module in model.named_modules() if name and isinstance(module, classes)]
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy with every process in one sharding group (FSDP2, no tensor parallel).
 
+    ModelParallelStrategy runs on CPU (gloo) as on GPU, where FSDPStrategy refuses the CPU accelerator;
+    its "auto" sizes would make the processes of a node a tensor-parallel group, so the data-parallel size
+    is set to the world size here. LatentDiffusion.configure_model shards at the mesh it is given."""
 
-def fully_shard_units(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
-    """Shard `model` with torch FSDP2 (`fully_shard`) at the same units as `fsdp_wrap_policy`, then the root.
+    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
-    Inner units first, so each unit owns exactly the parameters not claimed by a unit inside it."""
-    from torch.distributed.fsdp import fully_shard
-
-    modules = dict(model.named_modules())
-    for name in reversed(fsdp_unit_names(model)):
-        fully_shard(modules[name], **fully_shard_kwargs)
-    return fully_shard(model, **fully_shard_kwargs)
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
 
 def cluster_plugins() -> list:

@@ -9,6 +9,7 @@ wandb is offline unless `WANDB_MODE=online` (Lightning's `offline: true` would o
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 import subprocess
@@ -17,12 +18,21 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
+
+
+class LoggerUnavailableError(ImportError):
+    """A configured logger whose package is not installed (a user error: install it or pick another logger)."""
+
+
+def tensorboard_available() -> bool:
+    """Lightning's TensorBoardLogger writes with `tensorboard` or, failing that, `tensorboardX`."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 class AppendingExperimentWriter(ExperimentWriter):
@@ -50,7 +60,12 @@ def build_loggers(logger_cfgs: DictConfig | None, output_dir: str) -> list[Logge
     loggers = []
     for cfg in (logger_cfgs or {}).values():
         kwargs: dict[str, Any] = {}
-        if hydra.utils.get_class(cfg._target_) is WandbLogger:
+        logger_class = hydra.utils.get_class(cfg._target_)
+        if issubclass(logger_class, TensorBoardLogger) and not tensorboard_available():
+            raise LoggerUnavailableError(
+                "logger=tensorboard needs the `tensorboard` package, which is not installed: "
+                "pip install -e '.[tensorboard]' (or pip install tensorboard), or use logger=csv / logger=wandb.")
+        if logger_class is WandbLogger:
             kwargs["offline"] = os.environ.get("WANDB_MODE", "").lower() != "online" and cfg.get("offline", True)
             if not cfg.get("id"):
                 kwargs.update(id=wandb_run_id(output_dir), resume="allow")

@@ -1,6 +1,7 @@
 """What `train.py` does with a composed config: build data, model, callbacks, loggers, trainer; fit.
 
-A latent-diffusion config without `model.first_stage_ckpt` first gets its stage-1 autoencoder (stages.py).
+A latent-diffusion config without `model.first_stage_ckpt` first gets its stage-1 autoencoder (stages.py), and
+then trains from its data's latents, encoded once (latents_once.py; `cache_latents=false`: from the images).
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm.loading.checkpoints import build_model, init_from
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.distributed import cluster_plugins
+from ldm.training.latents_once import ensure_latents
 from ldm.training.loggers import build_loggers, git_commit, log_run_config
 from ldm.training.preemption import (
     exit_status_on_preemption,
     fault_tolerance_callbacks,
     find_resume_checkpoint,
 )
+from ldm.training.preflight import preflight
 from ldm.training.progress_log import progress_bar_enabled
 from ldm.training.run_config import resolve_ckpt_path, run_dir_of
 from ldm.training.stages import ensure_first_stage, needs_first_stage
+from ldm.training.text_vocabulary import resolve_vocabulary
 from ldm.utils.ranks import is_global_zero_from_env
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,7 @@ log = logging.getLogger(__name__)
 # LPIPS network stay in eval mode during training.
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-# ... and our data modules checkpoint the data position themselves (WebDataModule.state_dict): they resume
-warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
+# (Lightning's "dataloader is not resumable" is not silenced: EpochLoader says it resumes, which it does.)
 
 @dataclass
 class TrainResult:
@@ -45,6 +48,8 @@ class TrainResult:
 
 def train(cfg: DictConfig) -> TrainResult:
     """Fit the configured model; returns where the final checkpoint is."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    preflight(cfg, datamodule)  # seconds: before a stage-1 model is trained or a step taken
     if needs_first_stage(cfg.model):
         with open_dict(cfg):
             cfg.model.first_stage_ckpt = ensure_first_stage(cfg, train)
@@ -61,10 +66,11 @@ def train(cfg: DictConfig) -> TrainResult:
         OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
 
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    resolve_vocabulary(cfg, datamodule)  # model.conditioner.vocabulary=data: the train captions' tokens
     model = build_model(cfg.model)
     if cfg.get("init_from"):
         init_from(model, cfg.init_from)
+    ensure_latents(cfg, model, datamodule)  # stage 2: the train split from cached latents (cache_latents)
     check_gradient_clipping(model, cfg.trainer)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += fault_tolerance_callbacks(cfg.seed, output_dir)

@@ -87,5 +87,10 @@ def first_stage_config(cfg: DictConfig) -> DictConfig:
         for key in ("accelerator", "devices", "num_nodes", "precision", "strategy", "use_distributed_sampler"):
             if key in cfg.trainer:  # same processes; the strategy's own keys resolve in the stage-1 config
                 stage1.trainer[key] = cfg.trainer[key]
+        strategy = cfg.trainer.get("strategy")
+        if OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith("FSDP2Strategy"):
+            # FSDP2 shards stage 2 only (LatentDiffusion.configure_model); the discriminator idles before disc_start
+            stage1.trainer.strategy = "ddp_find_unused_parameters_true"
         stage1.logger = cfg.get("logger")
+        stage1.pop("cache_latents", None)  # a stage-2 switch: out of the stage-1 config and its hash
     return stage1

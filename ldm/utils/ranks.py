@@ -19,3 +19,12 @@ def distributed_rank_and_world_size() -> tuple[int, int]:
 def is_global_zero_from_env() -> bool:
     """Whether this process is global rank 0, before a Trainer exists (read from launcher variables)."""
     return all(os.environ.get(name, "0") == "0" for name in RANK_ENV_VARS)
+
+
+def values_of_every_rank(value: object) -> list:
+    """``value`` of every rank, in rank order (all-gathered under DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+    return [value]
