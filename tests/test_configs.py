@@ -149,7 +149,10 @@ def test_one_sampling_group_feeds_grids_evaluation_and_after_training():
     assert (settings.timestep_spacing, settings.steps_offset, settings.guidance_rescale, settings.steps) == (
         "trailing", 0, 0.7, 30)
     assert SamplerSettings.of(OmegaConf.to_container(compose_train([]).sampling)) == SamplerSettings(
-        "dpmpp_2m", 20, cfg_scale=3.0)
+        "dpmpp_2m", 20, cfg_scale=3.0, timestep_spacing="trailing", steps_offset=0)  # the quickstart: zero-SNR
+    paper = compose_train(["experiment=quickstart_paper"])
+    assert SamplerSettings.of(OmegaConf.to_container(paper.sampling)) == SamplerSettings("dpmpp_2m", 20, cfg_scale=3.0)
+    assert (paper.model.prediction_type, paper.model.schedule.zero_terminal_snr) == ("eps", False)
     assert SamplerSettings.of(OmegaConf.to_container(
         compose_train(["experiment=ldm_f8_text"]).sampling)) == SamplerSettings()  # the group's default = the class's
 

@@ -75,6 +75,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_ranks(code: str, world_size: int = 2) -> list[str]:
+    """`python -c code` as ranks 0..world_size-1 of one gloo group on a free port; fails with every rank's output
+    unless all exit 0, and kills each process group that outlives HARD_TIMEOUT_S."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True,
+                              env=subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                                 WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(world_size)]
+    try:
+        outputs = [proc.communicate(timeout=HARD_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
 def train_command(*overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *overrides]
 
@@ -292,20 +311,7 @@ def test_fsdp2_sharded_step_matches_single_process(tmp_path):
     """FSDP2 `fully_shard` at the policy's units, 2 ranks over gloo: the weights after one step equal a
     single-process step on the whole batch, and the state dict keeps the unsharded key layout."""
     out = tmp_path / "fsdp2.pt"
-    port = str(free_port())
-    code = f"import test_distributed as t; t.fsdp2_worker({str(out)!r})"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True,
-                              env=subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
-                                                 RANK=str(rank), LOCAL_RANK=str(rank)))
-             for rank in (0, 1)]
-    try:
-        outputs = [proc.communicate(timeout=HARD_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-2000:] for o in outputs)
+    run_ranks(f"import test_distributed as t; t.fsdp2_worker({str(out)!r})")
 
     unet, (x, t, context) = fsdp2_problem()
     unet(x, t, context=context).square().mean().backward()

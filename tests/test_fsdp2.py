@@ -4,15 +4,12 @@ every result compared with one process training on the whole batch."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import HARD_TIMEOUT_S, free_port, subprocess_env
+from test_distributed import run_ranks
 
 from ldm.models.latent_diffusion import LatentDiffusion
 
@@ -103,20 +100,7 @@ def worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_latent_diffusion_matches_one_process(tmp_path):
-    port = str(free_port())
-    code = f"import test_fsdp2 as t; t.worker({str(tmp_path)!r})"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True,
-                              env=subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
-                                                 RANK=str(rank), LOCAL_RANK=str(rank)))
-             for rank in (0, 1)]
-    try:
-        outputs = [proc.communicate(timeout=HARD_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-3000:] for o in outputs)
+    run_ranks(f"import test_fsdp2 as t; t.worker({str(tmp_path)!r})")
     result = torch.load(Path(tmp_path) / "result.pt", weights_only=True)
 
     reference, steps = problem()
