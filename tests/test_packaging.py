@@ -26,6 +26,7 @@ def test_wheel_ships_configs_and_composes_outside_the_repo(tmp_path):
     job = subprocess.run([sys.executable, "-m", "ldm.cli.train", "--cfg", "job", "experiment=ldm_f8_text", "size=tiny"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stderr[-2000:]
-    assert "task_name: ldm_f8_text" in job.stdout
+    # the experiment's own keys arrived (the task name follows the factor: ldm_f${model.first_stage_factor}_text)
+    assert "task_name: ldm_f${model.first_stage_factor}_text" in job.stdout and "first_stage_factor: 8" in job.stdout
     assert str(site) in subprocess.run([sys.executable, "-c", "import ldm; print(ldm.__file__)"], cwd=tmp_path, env=env,
                                        capture_output=True, text=True).stdout
