@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_text_ldm
 
 from ldm.data.shapes import parse_caption_objects, render_sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -119,13 +120,8 @@ def test_signal_leak_flags_the_sd_schedule_and_not_zero_snr_with_trailing():
 @pytest.fixture(scope="module")
 def tiny_text_ckpt(tmp_path_factory) -> str:
     torch.manual_seed(0)
-    model = LatentDiffusion(
-        unet=dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                  attention_resolutions=[2], num_head_channels=8, context_dim=32, norm_groups=8),
-        conditioner={"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2},
-        first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-                         norm_groups=8),
-        image_size=32, scale_factor=0.5, ema_decay=0.9, prediction_type="v", schedule={"zero_terminal_snr": True})
+    model = LatentDiffusion(**tiny_text_ldm(image_size=32, ema_decay=0.9, prediction_type="v",
+                                            schedule={"zero_terminal_snr": True}))
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "global_step": 3}, path)
     return path

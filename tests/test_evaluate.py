@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
+from tiny_models import tiny_text_ldm
 
 from ldm.data.shapes import render_sample
 from ldm.evaluation.evaluate import (
@@ -37,14 +38,7 @@ from ldm.training.callbacks import EvaluationCallback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 32
-TINY_MODEL = dict(
-    unet=dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-              attention_resolutions=[2], num_head_channels=8, context_dim=32, norm_groups=8),
-    conditioner={"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2},
-    first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-                     norm_groups=8),
-    image_size=RESOLUTION, scale_factor=0.5, ema_decay=0.9, learning_rate=1e-3, warmup_steps=0,
-)
+TINY_MODEL = tiny_text_ldm(image_size=RESOLUTION, ema_decay=0.9, learning_rate=1e-3, warmup_steps=0)
 REQUIRED_KEYS = {"fid", "fid_name", "kid", "kid_std", "kid_name", "precision", "recall", "density", "coverage", "is_mean", "is_std", "num_samples",
                  "num_real", "features", "k", "prompt_fidelity_color", "prompt_fidelity_shape",
                  "prompt_fidelity_position", "prompt_fidelity_all"}

@@ -2,6 +2,7 @@
 noise, timestep distributions, min-SNR weights), and LatentDiffusion.diffusion_losses delegating to it."""
 import pytest
 import torch
+from tiny_models import tiny_text_ldm
 
 from ldm.diffusion.objective import DiffusionObjective, timestep_density
 from ldm.diffusion.schedule import NoiseSchedule
@@ -96,14 +97,7 @@ def test_bad_objective_settings_are_refused() -> None:
         DiffusionObjective(min_snr_gamma=0.0)
 
 
-TINY = dict(
-    unet=dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-              attention_resolutions=[2], num_head_channels=8, context_dim=32, norm_groups=8),
-    conditioner={"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2},
-    first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-                     norm_groups=8),
-    image_size=16, scale_factor=0.5, ema_decay=0.0,
-)
+TINY = tiny_text_ldm()
 
 
 def test_model_losses_are_the_objective_on_scaled_latents_with_the_caption() -> None:

@@ -3,19 +3,13 @@ sampler whole (every spacing, every sampler), seeded image-to-image is reproduci
 and the cross-attention padding mask survives guidance."""
 import pytest
 import torch
+from tiny_models import tiny_text_ldm
 
 from ldm.diffusion.samplers import SAMPLERS, TIMESTEP_SPACINGS, spaced_timesteps
 from ldm.diffusion.settings import SamplerSettings
 from ldm.models.latent_diffusion import LatentDiffusion
 
-TINY = dict(
-    unet=dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-              attention_resolutions=[2], num_head_channels=8, context_dim=32, norm_groups=8),
-    conditioner={"_target_": "ldm.models.conditioners.TextTransformer", "width": 32, "layers": 1, "heads": 2},
-    first_stage=dict(embed_dim=4, z_channels=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-                     norm_groups=8),
-    image_size=16, scale_factor=0.5, ema_decay=0.0,
-)
+TINY = tiny_text_ldm()
 PROMPTS = ["a red circle at the top left", "a blue square at the center", "a green triangle at the right"]
 
 
