@@ -5,12 +5,13 @@ baseline (ldm/evaluation/tasks.py), with the minutes spent training.
     python benchmarks/tasks_report.py --minutes 0.3 --ae-minutes 0.2 --num-samples 8 --sample-steps 2   # smoke run
     python benchmarks/tasks_report.py --smoke --out /tmp/tasks_smoke   # the whole path in minutes: 2 steps per stage,
                                          # 8 samples of 2 steps, a 20-step shapes classifier (numbers meaningless)
+    python benchmarks/tasks_report.py --evaluate-only    # today's evaluation of the checkpoints in <out>/report.json
 
 Per task: `train.py experiment=<task> size=small` with `trainer.max_time` = the budget (the stage-1 autoencoders,
 trained first with their own budget, are shared by the f=4 tasks), then `evaluate.py task=...` on the val split
 (shapes-CNN FID, the classifier trained once and cached). Rows: SR PSNR / SSIM / FID vs bicubic; inpainting PSNR
 outside the mask vs the autoencoder's reconstruction and inside vs a median fill, caption fidelity of the
-completions; semantic synthesis colour agreement with the map vs chance (shuffled maps) and the real images.
+completions, and of fills of the object's own grid cell vs that cell median-filled; semantic synthesis colour agreement with the map vs chance (shuffled maps) and the real images.
 Writes `<out>/report.json` and `<out>/report.md`; each run keeps its directory under `<out>/runs/<task>`.
 """
 from __future__ import annotations
@@ -35,7 +36,10 @@ ROWS = {  # task kind -> (metric, baseline, what the baseline is)
            ("fid_sample", "fid_bicubic", "bicubic")],
     "inpaint": [("psnr_outside_sample", "psnr_outside_reconstruction", "autoencoder reconstruction"),
                 ("psnr_inside_sample", "psnr_inside_median_fill", "median fill"),
-                ("prompt_fidelity_color", None, "chance 1/7"), ("prompt_fidelity_shape", None, "chance 1/3")],
+                ("prompt_fidelity_color", None, "chance 1/7"), ("prompt_fidelity_shape", None, "chance 1/3"),
+                ("object_fill_color", "object_removed_color", "object's cell median-filled"),
+                ("object_fill_shape", "object_removed_shape", "object's cell median-filled"),
+                ("psnr_outside_object_fill", "psnr_outside_reconstruction", "autoencoder reconstruction (random masks)")],
     "semantic": [("object_agreement_sample", "object_agreement_chance", "chance (shuffled maps)"),
                  ("object_agreement_real", None, "the judge on real images"),
                  ("agreement_sample", "agreement_chance", "chance (shuffled maps; background ~95 %)")],
@@ -121,6 +125,8 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--classifier-steps", type=int, default=None,
                         help="train the shapes classifier for this many steps (default: its own, 400)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-evaluate the checkpoints of <out>/report.json instead of training")
     parser.add_argument("--smoke", action="store_true", help=f"check the whole path in minutes: {SMOKE}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
@@ -135,10 +141,16 @@ def main() -> None:
     out = Path(args.out).resolve()
     args.cache = args.cache or str(out / "cache")
     args.data = args.data or str(out / "data")
+    earlier = json.loads((out / "report.json").read_text())["results"] if args.evaluate_only else {}
     results = {}
     for name in args.tasks.split(","):
         experiment, kind = TASKS[name]
-        ckpt, minutes, trained_stage_one = train_task(experiment, args, out)
+        if args.evaluate_only:  # the checkpoint and minutes of the earlier run, evaluated by today's code
+            if name not in earlier:
+                parser.error(f"--evaluate-only: {out / 'report.json'} has no {name!r}; train it first")
+            ckpt, minutes, trained_stage_one = (earlier[name][key] for key in ("ckpt", "train_minutes", "trained_stage_one"))
+        else:
+            ckpt, minutes, trained_stage_one = train_task(experiment, args, out)
         metrics = evaluate(kind, ckpt, args, out / "evaluations" / name)
         results[name] = {"experiment": experiment, "ckpt": ckpt, "train_minutes": minutes,
                          "trained_stage_one": trained_stage_one, "metrics": metrics}

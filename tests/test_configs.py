@@ -95,6 +95,15 @@ def test_config_hash_ignores_paths_only():
     assert config_hash(a) == config_hash(b) != config_hash(c)
 
 
+def test_stage_one_cache_key_ignores_stage_two_knobs_of_the_size_preset():
+    """size.text_vocabulary is read by stage 2 only; the autoencoder's widths (size_model) still change the key."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        keys = [config_hash(first_stage_config(compose(config_name="train", overrides=["size=small", *extra])))
+                for extra in ([], ["size.text_vocabulary=null"], ["size.text_encoder.width=64"])]
+        tiny = config_hash(first_stage_config(compose(config_name="train", overrides=["size=tiny"])))
+    assert len(set(keys)) == 1 and tiny != keys[0]
+
+
 def test_ckpt_path_last_finds_newest(tmp_path):
     for run, mtime in [("2026-01-01_00-00-00", 100), ("2026-01-02_00-00-00", 200)]:
         path = tmp_path / "ae" / "runs" / run / "checkpoints" / "last.ckpt"

@@ -13,9 +13,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from ldm.evaluation.tasks import evaluate_task
+from ldm.data.shapes import cell_box, render_sample_with_map
+from ldm.evaluation.tasks import evaluate_task, object_cell_masks
 from ldm.inference.tasks import sample_task
-from ldm.metrics.image_quality import l1, psnr, ssim
+from ldm.metrics.image_quality import l1, pooled_psnr, psnr, ssim
 from ldm.metrics.shapes_classifier import (
     save_shapes_classifier,
     train_shapes_classifier,
@@ -190,7 +191,8 @@ def classifier(workdir) -> str:
 @pytest.mark.parametrize("task, keys", [
     ("sr", ["psnr_sample", "psnr_bicubic", "ssim_sample", "ssim_bicubic", "fid_sample", "fid_bicubic"]),
     ("inpaint", ["psnr_inside_sample", "l1_inside_sample", "psnr_inside_median_fill", "psnr_outside_sample",
-                 "psnr_outside_reconstruction", "fid_sample"]),
+                 "psnr_outside_reconstruction", "fid_sample", "object_fill_color", "object_removed_color",
+                 "psnr_outside_object_fill"]),
     ("semantic", ["agreement_sample", "agreement_chance", "agreement_real", "object_agreement_sample"]),
 ])
 def test_evaluate_task_reports_metric_and_baseline(task, keys, checkpoints, classifier, workdir, tmp_path):
@@ -206,6 +208,8 @@ def test_evaluate_task_reports_metric_and_baseline(task, keys, checkpoints, clas
     assert written["task"] == task and len(os.listdir(tmp_path / "samples")) == 8
     with Image.open(tmp_path / "grid.png") as grid:  # condition | sample | reference, 8 rows
         assert grid.size == (2 + 3 * (RES + 2), 2 + 8 * (RES + 2))
+    if task == "inpaint":  # the object-cell pass has its own grid
+        assert (tmp_path / "object_grid.png").is_file()
 
 
 # ---------------------------------------------------------------- the metrics themselves
@@ -228,3 +232,26 @@ def test_masked_psnr_and_l1_count_only_the_masked_pixels():
     torch.testing.assert_close(psnr(b, a, mask), torch.tensor([-10 * np.log10(0.04)], dtype=torch.float64))
     torch.testing.assert_close(l1(b, a, 1 - mask), torch.tensor([0.0], dtype=torch.float64))
     torch.testing.assert_close(psnr(b, a), torch.tensor([-10 * np.log10(0.02)], dtype=torch.float64))
+
+
+def test_pooled_psnr_is_one_mse_over_all_masked_pixels_and_finite_where_an_image_is_exact():
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[0, :, :2, :] = 51  # image 0: 0.2 off in the top half; image 1: exact
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2, :] = 1
+    assert torch.isinf(psnr(b, a, mask)[1])  # the per-image PSNR of the exact image
+    assert pooled_psnr(b, a, mask) == pytest.approx(-10 * np.log10(0.04 / 2))  # half the masked pixels 0.2 off
+    assert pooled_psnr(b, a) == pytest.approx(-10 * np.log10(0.04 / 4))
+
+
+def test_object_cell_masks_cover_every_object_pixel_and_leave_the_rest_known():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        _, attributes, semantic = render_sample_with_map(rng, 48)
+        mask = object_cell_masks([attributes["caption"]], torch.zeros(1, 1, 48, 48))[0, 0]
+        on_object = torch.from_numpy(np.array(semantic)) > 0
+        assert bool(mask[on_object].all())  # the object is hidden entirely
+        assert 0.1 < float(mask.mean()) < 0.16  # one cell of nine (+ a 1 px margin), not the image
+    with pytest.raises(ValueError, match="unknown position"):
+        cell_box("the middle", 48)

@@ -171,6 +171,18 @@ def shapes_urls(root: str, num_train: int, num_val: int, samples_per_shard: int)
     return {"train": pattern("train", num_train), "val": pattern("val", num_val)}
 
 
+def cell_box(position: str, resolution: int, margin: int = 1) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1), end-exclusive, of the grid cell named `position`, grown by `margin` pixels
+    and clipped to the image: every object drawn at that position lies inside it (`_object_outline` keeps the
+    shape and its jitter within the cell; the margin covers the anti-aliased edge)."""
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; shapes positions are {', '.join(POSITIONS)}")
+    row, col = divmod(POSITIONS.index(position), 3)
+    x0, x1 = col * resolution // 3, (col + 1) * resolution // 3
+    y0, y1 = row * resolution // 3, (row + 1) * resolution // 3
+    return max(0, x0 - margin), max(0, y0 - margin), min(resolution, x1 + margin), min(resolution, y1 + margin)
+
+
 def _object_outline(rng: np.random.Generator, cell: int, shape: str, resolution: int) -> list[float]:
     """The supersampled bounding box of one shape centred in its grid cell, with a few pixels of jitter that
     keep it inside the cell (three random draws, in this order: size, x jitter, y jitter)."""

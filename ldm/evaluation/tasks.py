@@ -4,9 +4,12 @@ so every evaluation sees the same low-res images, masks and maps):
 
 - `sr`: PSNR, SSIM and FID of the super-resolved images against the high-res val images, and the same for
   bicubic upsampling of the low-res input (LDM paper, Tab. 5 reports FID / IS / PSNR / SSIM against it);
-- `inpaint`: PSNR and L1 inside the mask against the original (and for a fill with the known pixels' median
-  colour), PSNR outside the mask, whose ceiling is the autoencoder's own reconstruction PSNR there; FID and (on
-  shapes) caption fidelity of the completed images;
+- `inpaint`: PSNR (of the pooled MSE: a median fill of a flat background is exact on many masks) and L1 inside
+  the mask against the original (and for a fill with the known pixels' median colour), PSNR outside the mask,
+  whose ceiling is the autoencoder's own reconstruction PSNR there; FID and (on shapes) caption fidelity of the
+  completed images. On shapes also a second pass whose masks hide the object's whole grid cell: the caption
+  fidelity of those fills (`object_fill_*`) says whether the caption brings the named object back, next to the
+  judge on median fills of the same masks (`object_removed_*`, the object gone);
 - `semantic`: on shapes, the per-pixel agreement of the sample's colours with its map (all pixels, object pixels)
   next to chance (the maps shuffled across samples) and the real val images (the judge's ceiling); caption
   fidelity of the shapes classifier.
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
+from ldm.data.shapes import cell_box, parse_caption_objects
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.evaluate import (
     EvaluationOptions,
@@ -40,6 +44,7 @@ from ldm.loading.checkpoints import load_latent_diffusion
 from ldm.metrics.image_quality import (
     SHAPES_SEMANTIC_CLASSES,
     l1,
+    pooled_psnr,
     psnr,
     semantic_colour_agreement,
     ssim,
@@ -118,14 +123,19 @@ def evaluate_task(
         median_fill = _median_fill(references, mask)
         found = distribution(samples, captions)
         metrics.update({
-            "psnr_inside_sample": _mean(psnr(samples, references, mask)), "l1_inside_sample": _mean(l1(samples, references, mask)),
-            "psnr_inside_median_fill": _mean(psnr(median_fill, references, mask)),
+            "psnr_inside_sample": pooled_psnr(samples, references, mask), "l1_inside_sample": _mean(l1(samples, references, mask)),
+            "psnr_inside_median_fill": pooled_psnr(median_fill, references, mask),
             "l1_inside_median_fill": _mean(l1(median_fill, references, mask)),
             "psnr_outside_sample": _mean(psnr(samples, references, 1 - mask)),
             "psnr_outside_reconstruction": _mean(psnr(reconstruction, references, 1 - mask)),
             "mask_fraction": float(mask.mean()), "fid_sample": found["fid"], "fid_name": found["fid_name"],
             **{key: value for key, value in found.items() if key.startswith("prompt_fidelity")},
         })
+        if captions is not None:  # shapes: hide the object itself and ask the caption to bring it back
+            object_rows = {**rows, "mask": object_cell_masks(rows["caption"], mask)}
+            object_samples = _sample_rows(model, object_rows, settings, batch_size, autocast_dtype(precision))
+            metrics.update(_object_fill_metrics(object_samples, references, object_rows["mask"], captions, distribution))
+            _save_triples(os.path.join(out, "object_grid.png"), model, object_rows, object_samples, references)
     else:
         metrics.update(_semantic_metrics(samples, references, rows["semantic_map"], model))
         found = distribution(samples, captions)
@@ -191,6 +201,29 @@ def _median_fill(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return filled
 
 
+def object_cell_masks(captions: list[str], like: torch.Tensor) -> torch.Tensor:
+    """Masks (B, 1, H, W) like `like` that cover exactly the grid cell of each caption's object (shapes data):
+    the known pixels are background only, so what fills the cell comes from the caption alone."""
+    masks = torch.zeros_like(like)
+    for index, caption in enumerate(captions):
+        x0, y0, x1, y1 = cell_box(parse_caption_objects(caption)[0]["position"], like.shape[-1])
+        masks[index, :, y0:y1, x0:x1] = 1
+    return masks
+
+
+def _object_fill_metrics(samples: torch.Tensor, references: torch.Tensor, masks: torch.Tensor, captions: list[str],
+                         distribution: Any) -> dict[str, Any]:
+    """Caption fidelity of the completions of object-cell masks (`object_fill_*`: does the fill bring back the
+    named object?) beside the same judge on median fills of those masks (`object_removed_*`: the object gone, so
+    these sit near chance unless the judge reads the background) and PSNR outside the masks."""
+    found: dict[str, Any] = {"psnr_outside_object_fill": _mean(psnr(samples, references, 1 - masks))}
+    for name, images in (("fill", samples), ("removed", _median_fill(references, masks))):
+        judged = distribution(images, captions)
+        found.update({key.replace("prompt_fidelity", f"object_{name}"): value for key, value in judged.items()
+                      if key.startswith("prompt_fidelity")})
+    return found
+
+
 def _semantic_metrics(samples: torch.Tensor, references: torch.Tensor, maps: torch.Tensor, model: Any) -> dict[str, Any]:
     part = concat_parts(model.conditioner)[0]
     if part.num_classes != SHAPES_SEMANTIC_CLASSES or not bool((maps < SHAPES_SEMANTIC_CLASSES).all()):
@@ -216,13 +249,18 @@ def _write_outputs(out: str, model: Any, rows: dict[str, Any], samples: torch.Te
     os.makedirs(samples_dir, exist_ok=True)
     for index, image in enumerate(samples):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(samples_dir, f"{index:05d}.png"))
+    _save_triples(os.path.join(out, "grid.png"), model, rows, samples, references)
+    metrics["samples_dir"] = samples_dir
+    write_task_report(out, metrics)
+
+
+def _save_triples(path: str, model: Any, rows: dict[str, Any], samples: torch.Tensor, references: torch.Tensor) -> None:
+    """condition | sample | reference for the first 8 rows, one row each."""
     shown = min(8, len(samples))
     conditions = condition_images(model, {k: v[:shown] for k, v in rows.items() if isinstance(v, torch.Tensor)},
                                   samples.shape[-2:])
     triples = torch.stack([conditions, samples[:shown].float() / 127.5 - 1, references[:shown].float() / 127.5 - 1], 1)
-    save_image_grid(triples.flatten(0, 1), os.path.join(out, "grid.png"), nrow=3)
-    metrics["samples_dir"] = samples_dir
-    write_task_report(out, metrics)
+    save_image_grid(triples.flatten(0, 1), path, nrow=3)
 
 
 def write_task_report(out: str, metrics: dict[str, Any]) -> None:

@@ -30,6 +30,17 @@ def psnr(images: Tensor, references: Tensor, mask: Tensor | None = None) -> Tens
     return -10.0 * torch.log10(_masked_mean(squared, mask))
 
 
+def pooled_psnr(images: Tensor, references: Tensor, mask: Tensor | None = None) -> float:
+    """PSNR of one MSE over the (masked) pixels of *all* images. Unlike the mean of per-image PSNRs it stays finite
+    and comparable when some images are reproduced exactly (a median fill of a flat background gives +inf on
+    every mask that misses the object)."""
+    squared = (to_unit(images) - to_unit(references)).pow(2)
+    if mask is None:
+        return float(-10.0 * torch.log10(squared.mean()))
+    weights = mask.double().expand_as(squared)
+    return float(-10.0 * torch.log10((squared * weights).sum() / weights.sum().clamp(min=1.0)))
+
+
 def l1(images: Tensor, references: Tensor, mask: Tensor | None = None) -> Tensor:
     """(B,) mean absolute error on [0, 1], over the pixels where `mask` is 1 if given."""
     return _masked_mean((to_unit(images) - to_unit(references)).abs(), mask)

@@ -9,9 +9,11 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 
-def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra", "sampling")) -> str:
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("paths", "hydra", "sampling", "size")) -> str:
     """A short stable hash of a resolved config, ignoring where things are written and how samples are drawn
-    (`sampling` changes no trained weight, so a stage-1 model cached before the group existed still matches)."""
+    (`sampling` changes no trained weight, so a stage-1 model cached before the group existed still matches).
+    `size` is a preset: what it changes is resolved into the model / data / trainer keys that are hashed, and a
+    knob only stage 2 reads (e.g. `size.text_vocabulary`) must not retrain every cached autoencoder."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     for key in exclude:
         container.pop(key, None)
