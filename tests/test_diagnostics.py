@@ -20,6 +20,7 @@ from ldm.evaluation.diagnostics import (
     counterfactual_captions,
     first_sampled_timestep,
     layout_r2,
+    reconstruction_fidelity,
     signal_leak,
 )
 from ldm.models.latent_diffusion import LatentDiffusion
@@ -151,3 +152,49 @@ def test_evaluate_report_captions_writes_the_diagnostics(tmp_path, tiny_text_ckp
     assert metrics["sampler"]["timestep_spacing"] == "trailing"
     table = (out / "metrics.md").read_text()
     assert "caption gap position" in table and "signal leak" in table
+
+
+class _LosslessFirstStage:
+    """encode = identity (its posterior mode), decode = identity: reconstructions equal the inputs."""
+
+    def encode(self, x):
+        return SimpleNamespace(mode=lambda: x)
+
+    def decode(self, z):
+        return z
+
+
+class _RecordingJudge:
+    """Features = the images themselves; 'fidelity' = the fraction of images whose red channel is brightest
+    where the caption says red (enough to see that the judge got the right images with the right captions)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, images):
+        self.seen.append(images)
+        return images.float().mean(dim=(2, 3))
+
+    def prompt_fidelity(self, features, captions):
+        red = features.argmax(dim=1) == 0
+        said = torch.tensor(["red" in caption for caption in captions])
+        return {"prompt_fidelity_color": float((red == said).double().mean())}
+
+
+def test_reconstruction_fidelity_of_a_lossless_first_stage_judges_exactly_the_reference_images():
+    rng = np.random.default_rng(0)
+    samples = [render_sample(rng, 32) for _ in range(10)]
+    images = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image, _ in samples])
+    captions = [attributes["caption"] for _, attributes in samples]
+    reference = SimpleNamespace(batches=lambda batch_size, size, limit: iter(images[:limit].split(batch_size)),
+                                captions=lambda limit: captions[:limit])
+    model = SimpleNamespace(first_stage=_LosslessFirstStage(), scale_factor=0.25, device=torch.device("cpu"),
+                            hparams=SimpleNamespace(image_size=32))
+    judge = _RecordingJudge()
+    found = reconstruction_fidelity(model, reference, judge, num_samples=8, batch_size=3)
+    assert torch.equal(torch.cat(judge.seen), images[:8])  # decoded latents / scale_factor -> the same uint8 images
+    said_red = [("red" in c) for c in captions[:8]]
+    is_red = [bool(images[i].float().mean(dim=(1, 2)).argmax() == 0) for i in range(8)]
+    assert found == {"prompt_fidelity_reconstruction_color": np.mean([a == b for a, b in zip(said_red, is_red)])}
+    no_captions = SimpleNamespace(batches=reference.batches, captions=lambda limit: [""] * limit)
+    assert reconstruction_fidelity(model, no_captions, judge, num_samples=8) == {}

@@ -128,6 +128,7 @@ def test_identical_folders_then_checkpoint_reuses_cached_reference(tmp_path, cla
     pngs = {name for name in os.listdir(out / "samples") if name.endswith(".png")}
     assert pngs == {f"{i:05d}.png" for i in range(6)} | {"grid.png"}  # grid.png is not evaluated (6 samples)
     assert metrics["prompt_fidelity_all"] is not None
+    assert 0.0 <= metrics["prompt_fidelity_reconstruction_all"] <= metrics["prompt_fidelity_reconstruction_color"] <= 1.0
     diagnostics = metrics["diagnostics"]  # diagnostics=true: beside the sample metrics, in both files
     assert diagnostics["num_samples"] == 8 and diagnostics["signal_leak"]["t"] == 501  # DDIM, 2 leading steps: 500 + 1
     assert set(diagnostics["caption_sensitivity"]["x0_gap"]) == {"shuffled", "color", "shape", "position"}

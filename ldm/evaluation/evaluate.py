@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.diffusion.settings import SamplerSettings
-from ldm.evaluation.diagnostics import caption_diagnostics
+from ldm.evaluation.diagnostics import caption_diagnostics, reconstruction_fidelity
 from ldm.evaluation.feature_warnings import feature_warnings, warnings_entry
 from ldm.evaluation.image_sources import ImageFolder, ImageSource, reference_images
 from ldm.evaluation.metrics_files import write_report
@@ -247,6 +247,8 @@ def evaluate_checkpoint(
                                "use_ema": use_ema},
                    sampler={**settings.as_dict(), "batch_size": batch_size, "autocast_precision": precision},
                    samples_dir=samples_dir)
+    if metrics.get("prompt_fidelity_all") is not None:  # the samples were judged: so can the reconstructions be
+        metrics.update(reconstruction_fidelity(model, reference, extractor, num_samples, batch_size))
     if diagnostics_samples:
         metrics["diagnostics"] = caption_diagnostics(model, reference, settings, diagnostics_samples, batch_size)
     write_report(metrics, out)

@@ -10,7 +10,8 @@ from ldm.evaluation.diagnostics import diagnostics_rows
 
 REPORT_ROWS = ("fid", "kid", "kid_std", "clip_score", "precision", "recall", "density", "coverage", "is_mean", "is_std",
                "prompt_fidelity_color", "prompt_fidelity_shape", "prompt_fidelity_position", "prompt_fidelity_all",
-               "num_samples", "num_real", "k")
+               "prompt_fidelity_reconstruction_color", "prompt_fidelity_reconstruction_shape",
+               "prompt_fidelity_reconstruction_position", "prompt_fidelity_reconstruction_all", "num_samples", "num_real", "k")
 
 
 def write_report(metrics: Mapping[str, Any], out: str) -> None:
