@@ -33,7 +33,8 @@ TASKS = {"sr": ("ldm_sr_f4", "sr"), "inpaint_f4": ("ldm_inpaint_f4", "inpaint"),
          "inpaint_f8": ("ldm_inpaint_f8", "inpaint"), "semantic": ("ldm_semantic_f4", "semantic")}
 ROWS = {  # task kind -> (metric, baseline, what the baseline is)
     "sr": [("psnr_sample", "psnr_bicubic", "bicubic"), ("ssim_sample", "ssim_bicubic", "bicubic"),
-           ("fid_sample", "fid_bicubic", "bicubic")],
+           ("fid_sample", "fid_bicubic", "bicubic"), ("psnr_sample", "psnr_reconstruction", "autoencoder reconstruction"),
+           ("fid_sample", "fid_reconstruction", "autoencoder reconstruction")],
     "inpaint": [("psnr_outside_sample", "psnr_outside_reconstruction", "autoencoder reconstruction"),
                 ("psnr_inside_sample", "psnr_inside_median_fill", "median fill"),
                 ("prompt_fidelity_color", None, "chance 1/7"), ("prompt_fidelity_shape", None, "chance 1/3"),

@@ -189,7 +189,8 @@ def classifier(workdir) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task, keys", [
-    ("sr", ["psnr_sample", "psnr_bicubic", "ssim_sample", "ssim_bicubic", "fid_sample", "fid_bicubic"]),
+    ("sr", ["psnr_sample", "psnr_bicubic", "ssim_sample", "ssim_bicubic", "fid_sample", "fid_bicubic",
+            "psnr_reconstruction"]),
     ("inpaint", ["psnr_inside_sample", "l1_inside_sample", "psnr_inside_median_fill", "psnr_outside_sample",
                  "psnr_outside_reconstruction", "fid_sample", "object_fill_color", "object_removed_color",
                  "psnr_outside_object_fill"]),

@@ -3,7 +3,8 @@ claim is stated, next to its baseline, on the val split of the data config (cond
 so every evaluation sees the same low-res images, masks and maps):
 
 - `sr`: PSNR, SSIM and FID of the super-resolved images against the high-res val images, and the same for
-  bicubic upsampling of the low-res input (LDM paper, Tab. 5 reports FID / IS / PSNR / SSIM against it);
+  bicubic upsampling of the low-res input (LDM paper, Tab. 5 reports FID / IS / PSNR / SSIM against it) and
+  for the autoencoder's reconstruction of the high-res image (no sample decoded from its latents does better);
 - `inpaint`: PSNR (of the pooled MSE: a median fill of a flat background is exact on many masks) and L1 inside
   the mask against the original (and for a fill with the known pixels' median colour), PSNR outside the mask,
   whose ceiling is the autoencoder's own reconstruction PSNR there; FID and (on shapes) caption fidelity of the
@@ -112,7 +113,8 @@ def evaluate_task(
     if task == "sr":
         bicubic = images_to_uint8(F.interpolate(rows["lowres"], size=references.shape[-2:], mode="bicubic",
                                                 align_corners=False).clamp(-1, 1))
-        for name, images in (("sample", samples), ("bicubic", bicubic)):
+        reconstruction = images_to_uint8(_reconstruct(model, rows["image"]))  # the ceiling of a latent model
+        for name, images in (("sample", samples), ("bicubic", bicubic), ("reconstruction", reconstruction)):
             found = distribution(images)
             metrics.update({f"psnr_{name}": _mean(psnr(images, references)), f"ssim_{name}": _mean(ssim(images, references)),
                             f"fid_{name}": found["fid"]})
