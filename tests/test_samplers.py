@@ -333,3 +333,28 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="steps_offset=0"):
         sample(model, SCHEDULE, SHAPE, sampler="ddpm", steps=999, steps_offset=5)
     assert model.calls == []
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "ddpm"])
+def test_known_region_ends_at_its_latent_and_the_rest_is_denoised_beside_it(sampler: str) -> None:
+    """keep = 1 on the left half: there the result is the known latent (up to alpha_bar_0's noise for the samplers
+    that land on t = 0, not on clean); the right half is the sampler's, moved by what the model saw on the left."""
+    known = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    keep = torch.zeros(SHAPE[0], 1, *SHAPE[2:], dtype=torch.float64)
+    keep[..., :3] = 1
+    kwargs = dict(sampler=sampler, steps=8, generators=make_generators(3, 2), x_T=_x_T())
+    blended = sample(Denoiser(), SCHEDULE, SHAPE, known=(known, keep), **kwargs)
+    free = sample(Denoiser(), SCHEDULE, SHAPE, **{**kwargs, "generators": make_generators(3, 2)})
+    final_level = 1.0 if SAMPLERS[sampler].lands_on_clean else float(SCHEDULE.alphas_cumprod[0])
+    tolerance = 4 * (1 - final_level) ** 0.5 + 1e-12
+    assert (blended[..., :3] - final_level ** 0.5 * known[..., :3]).abs().max() <= tolerance
+    assert not torch.allclose(blended[..., 3:], free[..., 3:])  # the denoiser's 3x3 conv sees the known half
+
+
+def test_keep_nothing_known_is_the_plain_deterministic_sampler() -> None:
+    keep = torch.zeros(SHAPE[0], 1, *SHAPE[2:], dtype=torch.float64)
+    known = torch.randn(SHAPE, dtype=torch.float64)
+    plain = sample(Denoiser(), SCHEDULE, SHAPE, sampler="ddim", steps=6, x_T=_x_T(), generators=make_generators(0, 2))
+    masked = sample(Denoiser(), SCHEDULE, SHAPE, sampler="ddim", steps=6, x_T=_x_T(), generators=make_generators(0, 2),
+                    known=(known, keep))
+    torch.testing.assert_close(masked, plain, atol=0, rtol=0)

@@ -16,6 +16,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from ldm.data.shapes import cell_box, render_sample_with_map
 from ldm.evaluation.tasks import evaluate_task, object_cell_masks
 from ldm.inference.tasks import sample_task
+from ldm.loading.checkpoints import load_latent_diffusion
 from ldm.metrics.image_quality import l1, pooled_psnr, psnr, ssim
 from ldm.metrics.shapes_classifier import (
     save_shapes_classifier,
@@ -256,3 +257,23 @@ def test_object_cell_masks_cover_every_object_pixel_and_leave_the_rest_known():
         assert 0.1 < float(mask.mean()) < 0.16  # one cell of nine (+ a 1 px margin), not the image
     with pytest.raises(ValueError, match="unknown position"):
         cell_box("the middle", 48)
+
+
+def test_inpainting_keeps_the_known_latent_cells_unless_told_not_to(checkpoints):
+    """keep_known (the default): every latent cell none of whose pixels is masked ends at the masked image's
+    latent, so the known region decodes as the autoencoder reconstructs it; keep_known=false leaves it to the model."""
+    model = load_latent_diffusion(checkpoints["inpaint"])
+    image = torch.rand(2, 3, RES, RES) * 2 - 1
+    mask = torch.zeros(2, 1, RES, RES)
+    mask[:, :, 4:18, 6:21] = 1  # not aligned to the 4x4 cells: the partly masked cells are generated
+    batch = {"caption": ["a red square at the top", "a blue circle at the left"], "image": image, "mask": mask}
+    finals = {}
+    for keep in (True, False):
+        seen = []
+        model.generate(batch, sampler="dpmpp_2m", steps=3, cfg_scale=3.0, keep_known=keep, callback=lambda i, t, z: seen.append(z))
+        finals[keep] = seen[-1]
+    keep_cells = 1 - torch.nn.functional.max_pool2d(mask, 4)
+    known = model.encode_condition(image * (1 - mask))
+    assert int(keep_cells.sum()) < keep_cells.numel()  # some cells generated, some kept
+    assert torch.equal(finals[True] * keep_cells, known * keep_cells)  # dpmpp_2m lands on clean: exactly the latent
+    assert not torch.allclose(finals[False] * keep_cells, known * keep_cells)

@@ -49,6 +49,7 @@ class LatentPipeline:
     downsampling_factor: int
     prediction_type: str
     device: torch.device
+    encode_mode: Callable[[Tensor], Tensor] | None = None  # scaled posterior mode (the known region of inpainting)
 
     def conditions(self, batch: Batch, n: int, latent_size: tuple[int, int], cfg_scale: float,
                    negative_prompt: str | Sequence[str] | None = None) -> tuple[dict[str, Tensor], dict | None]:
@@ -122,9 +123,21 @@ class LatentPipeline:
             self.denoiser, self.schedule, (n, self.latent_channels, *size),
             cond=cond, uncond=uncond, prediction_type=self.prediction_type, generators=generators,
             init_latent=init_latent, strength=strength, progress=progress, callback=callback, device=self.device,
-            **settings.sample_kwargs(),
+            known=self.known_region(batch) if settings.keep_known else None, **settings.sample_kwargs(),
         )
         return self.decode(latents).clamp(-1, 1)
+
+
+    def known_region(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
+        """For an inpainting batch ("image" and "mask", 1 = fill): the latent of the masked image (posterior mode,
+        as the inpainting conditioner encodes it, so nothing under the mask leaks in) and the cells to keep, those
+        none of whose f x f pixels is masked. None for every other batch."""
+        if self.encode_mode is None or batch.get("mask") is None or batch.get("image") is None:
+            return None
+        mask = batch["mask"].float()
+        latent = self.encode_mode(batch["image"] * (1 - mask))
+        keep = 1.0 - torch.nn.functional.max_pool2d(mask, self.downsampling_factor)
+        return latent, keep.to(latent.dtype)
 
 
 def posterior_sample(mean: Tensor, std: Tensor, generators: list[torch.Generator] | None) -> Tensor:

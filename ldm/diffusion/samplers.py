@@ -46,6 +46,7 @@ def sample(
     progress: bool = False,
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
+    known: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Draw z_0 of the given `shape` (B, C, H, W) with `steps` denoiser calls (no autograd).
 
@@ -60,6 +61,8 @@ def sample(
     `steps_offset` place the grid (see `spaced_timesteps`; offset 1 is Stable Diffusion's).
     `guidance_rescale` in [0, 1] rescales the guided output towards the conditional one's std (Lin et al.
     2024, Sec. 3.4; see `guided_denoiser`). `callback(i, t, x)` sees the latent after each step i, taken at t.
+    `known` = (z0_known (B, C, H, W), keep (B, 1, H, W)) holds x where keep is 1 to the known latent, noised
+    to each step's level (inpainting; see `impose_known`).
     """
     solver_cls = _lookup_sampler(sampler)
     check_prediction_type(schedule, prediction_type)
@@ -91,9 +94,22 @@ def sample(
         x0 = schedule.predict_x0(x, t, prediction, prediction_type)
         eps = schedule.predict_eps(x, t, prediction, prediction_type)
         x = solver.step(i, x, x0, eps, draw_noise)
+        if known is not None:
+            x = impose_known(x, *known, solver.alpha_bars[i + 1], draw_noise)
         if callback is not None:
             callback(i, timesteps[i], x)
     return x
+
+
+def impose_known(x: Tensor, known_latent: Tensor, keep: Tensor, alpha_bar: Tensor,
+                 draw_noise: Callable[[], Tensor]) -> Tensor:
+    """Where `keep` is 1, replace x (now at level alpha_bar) by a draw of q(x | z0_known) = N(sqrt(alpha_bar)
+    z0_known, (1 - alpha_bar) I) (Ho et al. 2020, eq. 4); elsewhere keep the sampler's x. This is blended latent
+    diffusion (Avrahami et al. 2023) and the CompVis DDIM sampler's `mask` / `x0`: the known region ends at its
+    clean latent exactly, so it decodes at the autoencoder's reconstruction quality whatever the model learnt,
+    and the generated region is denoised next to it at every step."""
+    noised = alpha_bar.sqrt() * known_latent + (1.0 - alpha_bar).sqrt() * draw_noise()
+    return keep * noised + (1.0 - keep) * x
 
 
 def guided_denoiser(

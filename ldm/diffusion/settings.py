@@ -20,7 +20,9 @@ class SamplerSettings:
 
     `timestep_spacing` / `steps_offset` place the timestep grid (`ldm.diffusion.samplers.spaced_timesteps`;
     "trailing" starts at t = T - 1, which a zero-terminal-SNR model needs to start from pure noise, Lin et
-    al. 2024 Sec. 3.3). `guidance_rescale` is Lin et al.'s phi (Sec. 3.4; 0 = off, they use 0.7)."""
+    al. 2024 Sec. 3.3). `guidance_rescale` is Lin et al.'s phi (Sec. 3.4; 0 = off, they use 0.7). `keep_known`
+    (inpainting only): after every step the latent cells outside the mask are reset to the known image's latent
+    at that step's noise level (`ldm.diffusion.samplers.impose_known`); false samples from the model alone."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -30,6 +32,7 @@ class SamplerSettings:
     timestep_spacing: str = "leading"
     steps_offset: int = 1
     guidance_rescale: float = 0.0
+    keep_known: bool = True
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -62,7 +65,7 @@ class SamplerSettings:
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `ldm.diffusion.samplers.sample` these settings fix (not the seed: it
         becomes the per-sample generators)."""
-        return {key: value for key, value in asdict(self).items() if key != "seed"}
+        return {key: value for key, value in asdict(self).items() if key not in ("seed", "keep_known")}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -296,7 +296,7 @@ class LatentDiffusion(pl.LightningModule):
         return LatentPipeline(
             self, self.conditioning, is_droppable(self.conditioner), self.schedule, self.encode, self.decode,
             self.first_stage.embed_dim, self.first_stage.downsampling_factor, self.hparams.prediction_type,
-            self.device,
+            self.device, self.encode_condition,
         )
 
     @torch.no_grad()
