@@ -17,6 +17,7 @@ charged a cost it would not have: the ratio is a lower bound.
 
     python benchmarks/time_to_quality.py                                  # 2,400 steps, a checkpoint per 200
     python benchmarks/time_to_quality.py --steps 40 --every 20 --num-samples 16 --size tiny   # a smoke run
+    python benchmarks/time_to_quality.py --from-json benchmarks/results/time_to_quality.json  # after a new train_step.py
 
 Writes benchmarks/results/time_to_quality.json and prints the frontier and the minutes to each target.
 """
@@ -112,6 +113,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "fid": metrics["fid"], "fid_name": metrics["fid_name"], "precision": metrics["precision"],
                          "recall": metrics["recall"]})
             print(frontier_table(rows[-1:]), flush=True)
+    return with_before_and_targets({
+        "experiment": args.experiment, "size": args.size, "seed": args.seed, "threads": args.threads,
+        "steps": args.steps, "every": args.every, "num_samples": args.num_samples, "sampling": sampling,
+        "overrides": args.overrides, "runs": str(root), "frontier": rows}, args)
+
+
+def with_before_and_targets(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The report with its before column (from --step-times) and the minutes to each of --targets."""
+    rows = report["frontier"]
     difference_ms, step_times = step_cost_difference_ms(Path(args.step_times))
     for row in rows:
         row["minutes_before"] = (round(row["minutes"] + row["step"] * difference_ms / 60_000, 2)
@@ -122,10 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         after, before = minutes_to(rows, head, float(level), "minutes"), minutes_to(rows, head, float(level), "minutes_before")
         targets.append({"head": head, "level": float(level), "minutes": after, "minutes_before": before,
                         "speedup": round(before / after, 3) if after and before else None})
-    return {"experiment": args.experiment, "size": args.size, "seed": args.seed, "threads": args.threads,
-            "steps": args.steps, "every": args.every, "num_samples": args.num_samples, "sampling": sampling,
-            "overrides": args.overrides, "runs": str(root), "step_times": step_times, "frontier": rows,
-            "targets": targets}
+    return {**report, "step_times": step_times, "targets": targets}
 
 
 def frontier_table(rows: list[dict[str, Any]]) -> str:
@@ -163,8 +170,10 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "outputs" / "time_to_quality"))
     parser.add_argument("--out", default=str(RESULTS / "time_to_quality.json"))
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (e.g. model.learning_rate=6e-4)")
+    parser.add_argument("--from-json", default=None,
+                        help="no training: recompute the before column and the targets of this earlier report")
     args = parser.parse_args()
-    report = run(args)
+    report = with_before_and_targets(json.loads(Path(args.from_json).read_text()), args) if args.from_json else run(args)
     print(frontier_table(report["frontier"]))
     print(targets_table(report["targets"]))
     out = Path(args.out)
