@@ -145,10 +145,11 @@ def frontier_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def targets_table(targets: list[dict[str, Any]]) -> str:
+def targets_table(targets: list[dict[str, Any]], has_before: bool = True) -> str:
     lines = ["| target | minutes | minutes (before) | speed-up |", "|---|---|---|---|"]
     for t in targets:
         cells = ["not reached" if t[k] is None else f"{t[k]:.1f}" for k in ("minutes", "minutes_before")]
+        cells[1] = cells[1] if has_before else "- (no train_step.json)"
         speedup = "-" if t["speedup"] is None else f"{t['speedup']:.2f}x"
         lines.append(f"| {t['head']} >= {t['level']} | {cells[0]} | {cells[1]} | {speedup} |")
     return "\n".join(lines)
@@ -175,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     report = with_before_and_targets(json.loads(Path(args.from_json).read_text()), args) if args.from_json else run(args)
     print(frontier_table(report["frontier"]))
-    print(targets_table(report["targets"]))
+    print(targets_table(report["targets"], has_before=report["step_times"] is not None))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
