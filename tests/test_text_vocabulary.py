@@ -51,6 +51,20 @@ def test_known_prompts_encode_as_with_the_full_vocabulary(ids, pair):
     assert small.vocabulary.num_unknown == 0
 
 
+def test_same_seed_same_model_and_same_random_stream_as_the_full_vocabulary(ids):
+    """The data vocabulary starts from the full table's rows, so a seeded run builds the same encoder (and every net
+    built after it gets the same initial weights): only the cost of a step differs."""
+    outputs, after = [], []
+    for vocabulary in (ids, None):
+        torch.manual_seed(3)
+        encoder = TextTransformer(width=32, layers=1, heads=2, vocabulary=vocabulary).eval()
+        after.append(torch.rand(4))  # the next net's initial weights come from here
+        with torch.no_grad():
+            outputs.append(encoder(CAPTIONS + [""])["context"])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+
+
 def test_unknown_tokens_are_mapped_to_oov_counted_and_named(pair):
     small, full = pair[0], copy.deepcopy(pair[1])
     prompt = ["a purple circle at the far left"]  # purple, far: not in the captions
