@@ -17,7 +17,7 @@ charged a cost it would not have: the ratio is a lower bound.
 
     python benchmarks/time_to_quality.py                                  # 2,400 steps, a checkpoint per 200
     python benchmarks/time_to_quality.py --steps 40 --every 20 --num-samples 16 --size tiny   # a smoke run
-    python benchmarks/time_to_quality.py --from-json benchmarks/results/time_to_quality.json  # after a new train_step.py
+    python benchmarks/time_to_quality.py --from-json REPORT.json   # the before column again, after a new train_step.py
 
 Writes benchmarks/results/time_to_quality.json and prints the frontier and the minutes to each target.
 """
