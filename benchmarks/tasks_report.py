@@ -44,7 +44,7 @@ ROWS = {  # task kind -> (metric, baseline, what the baseline is)
                 ("prompt_fidelity_color", None, "chance 1/7"), ("prompt_fidelity_shape", None, "chance 1/3"),
                 ("object_fill_color", "object_removed_color", "object's cell median-filled"),
                 ("object_fill_shape", "object_removed_shape", "object's cell median-filled"),
-                ("psnr_outside_object_fill", "psnr_outside_reconstruction", "autoencoder reconstruction (random masks)")],
+                ("psnr_outside_object_fill", "psnr_outside_object_reconstruction", "autoencoder reconstruction")],
     "semantic": [("object_agreement_sample", "object_agreement_chance", "chance (shuffled maps)"),
                  ("object_agreement_real", None, "the judge on real images"),
                  ("agreement_sample", "agreement_chance", "chance (shuffled maps; background ~95 %)")],

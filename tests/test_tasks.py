@@ -194,7 +194,7 @@ def classifier(workdir) -> str:
             "psnr_reconstruction"]),
     ("inpaint", ["psnr_inside_sample", "l1_inside_sample", "psnr_inside_median_fill", "psnr_outside_sample",
                  "psnr_outside_reconstruction", "fid_sample", "object_fill_color", "object_removed_color",
-                 "psnr_outside_object_fill"]),
+                 "psnr_outside_object_fill", "psnr_outside_object_reconstruction"]),
     ("semantic", ["agreement_sample", "agreement_chance", "agreement_real", "object_agreement_sample"]),
 ])
 def test_evaluate_task_reports_metric_and_baseline(task, keys, checkpoints, classifier, workdir, tmp_path):

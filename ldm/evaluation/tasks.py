@@ -137,6 +137,7 @@ def evaluate_task(
             object_rows = {**rows, "mask": object_cell_masks(rows["caption"], mask)}
             object_samples = _sample_rows(model, object_rows, settings, batch_size, autocast_dtype(precision))
             metrics.update(_object_fill_metrics(object_samples, references, object_rows["mask"], captions, distribution))
+            metrics["psnr_outside_object_reconstruction"] = _mean(psnr(reconstruction, references, 1 - object_rows["mask"]))
             _save_triples(os.path.join(out, "object_grid.png"), model, object_rows, object_samples, references)
     else:
         metrics.update(_semantic_metrics(samples, references, rows["semantic_map"], model))
