@@ -127,7 +127,6 @@ class LatentPipeline:
         )
         return self.decode(latents).clamp(-1, 1)
 
-
     def known_region(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
         """For an inpainting batch ("image" and "mask", 1 = fill): the latent of the masked image (posterior mode,
         as the inpainting conditioner encodes it, so nothing under the mask leaks in) and the cells to keep, those
