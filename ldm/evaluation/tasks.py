@@ -259,6 +259,7 @@ def _write_outputs(out: str, model: Any, rows: dict[str, Any], samples: torch.Te
 
 def _save_triples(path: str, model: Any, rows: dict[str, Any], samples: torch.Tensor, references: torch.Tensor) -> None:
     """condition | sample | reference for the first 8 rows, one row each."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     shown = min(8, len(samples))
     conditions = condition_images(model, {k: v[:shown] for k, v in rows.items() if isinstance(v, torch.Tensor)},
                                   samples.shape[-2:])
