@@ -29,6 +29,7 @@ from ldm.data.shapes import ATTRIBUTES, parse_caption_objects, swap_attribute
 from ldm.diffusion.samplers import SAMPLERS, spaced_timesteps
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.image_sources import ImageSource
+from ldm.utils.images import images_to_uint8
 
 NUM_QUARTILES = 4
 LAYOUT_GRID = 4  # the coarse layout: a 4 x 4 average pool of the latent
@@ -77,7 +78,7 @@ def reconstruction_fidelity(model: Any, reference: ImageSource, extractor: Any, 
     features = []
     for chunk in latents.split(batch_size):
         decoded = model.first_stage.decode(chunk / model.scale_factor).clamp(-1, 1)
-        features.append(extractor(((decoded + 1) * 127.5).round().to(torch.uint8)).cpu())
+        features.append(extractor(images_to_uint8(decoded)).cpu())
     fidelity = extractor.prompt_fidelity(torch.cat(features), captions)
     if not fidelity:
         return {}
