@@ -9,8 +9,9 @@ baseline (ldm/evaluation/tasks.py), with the minutes spent training.
 
 Per task: `train.py experiment=<task> size=small` with `trainer.max_time` = the budget (the stage-1 autoencoders,
 trained first with their own budget, are shared by the f=4 tasks), then `evaluate.py task=...` on the val split
-(shapes-CNN FID, the classifier trained once and cached). Rows: SR PSNR / SSIM / FID vs bicubic; inpainting PSNR
-outside the mask vs the autoencoder's reconstruction and inside vs a median fill, caption fidelity of the
+(shapes-CNN FID, the classifier trained once and cached). Rows: SR PSNR / SSIM / FID vs bicubic (also before the
+low-res input is back-projected, `*_raw`: sampling.pixel_consistency); inpainting PSNR
+outside the mask vs the autoencoder's reconstruction (also before the known pixels are pasted back) and inside vs a median fill, caption fidelity of the
 completions, and of fills of the object's own grid cell vs that cell median-filled; semantic synthesis colour agreement with the map vs chance (shuffled maps) and the real images.
 Writes `<out>/report.json` and `<out>/report.md`; each run keeps its directory under `<out>/runs/<task>`.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from ldm.evaluation.tasks import evaluate_task
 from ldm.training.pipeline import train
@@ -38,8 +40,12 @@ TASK_OVERRIDES = {"semantic": ["model.unet.channel_mult=[1,2,2]"]}
 ROWS = {  # task kind -> (metric, baseline, what the baseline is)
     "sr": [("psnr_sample", "psnr_bicubic", "bicubic"), ("ssim_sample", "ssim_bicubic", "bicubic"),
            ("fid_sample", "fid_bicubic", "bicubic"), ("psnr_sample", "psnr_reconstruction", "autoencoder reconstruction"),
-           ("fid_sample", "fid_reconstruction", "autoencoder reconstruction")],
+           ("fid_sample", "fid_reconstruction", "autoencoder reconstruction"),
+           ("psnr_sample_raw", "psnr_bicubic", "bicubic (sample before back-projection)"),
+           ("fid_sample_raw", "fid_bicubic", "bicubic (sample before back-projection)")],
     "inpaint": [("psnr_outside_sample", "psnr_outside_reconstruction", "autoencoder reconstruction"),
+                ("psnr_outside_sample_raw", "psnr_outside_reconstruction", "autoencoder reconstruction (before paste)"),
+                ("fid_sample", "fid_sample_raw", "the sample before the known pixels are pasted"),
                 ("psnr_inside_sample", "psnr_inside_median_fill", "median fill"),
                 ("prompt_fidelity_color", None, "chance 1/7"), ("prompt_fidelity_shape", None, "chance 1/3"),
                 ("object_fill_color", "object_removed_color", "object's cell median-filled"),
@@ -92,11 +98,18 @@ def features(args: argparse.Namespace) -> dict:
             "weights_path": f"{args.cache}/metrics/shapes_classifier_64px_{args.classifier_steps}steps.safetensors"}
 
 
+def sampling_of(ckpt: str, args: argparse.Namespace) -> dict:
+    """The run's own sampling settings (its timestep grid: trailing for a zero-terminal-SNR recipe) from the
+    config saved beside its checkpoints, with the report's solver, steps and guidance."""
+    saved = Path(ckpt).resolve().parents[1] / "config_resolved.yaml"
+    own = dict(OmegaConf.to_container(OmegaConf.load(saved).sampling, resolve=True)) if saved.is_file() else {}
+    return {**own, "sampler": "dpmpp_2m", "steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+
+
 def evaluate(kind: str, ckpt: str, args: argparse.Namespace, out: Path) -> dict:
     data = {"_target_": "ldm.data.webdataset.ShapesDataModule", "root": f"{args.data}/shapes_64px", "resolution": 64,
             "batch_size": 32, "num_workers": args.workers}
-    return evaluate_task(kind, str(out), ckpt, data, num_samples=args.num_samples,
-                         sampling={"sampler": "dpmpp_2m", "steps": args.sample_steps, "cfg_scale": args.cfg_scale},
+    return evaluate_task(kind, str(out), ckpt, data, num_samples=args.num_samples, sampling=sampling_of(ckpt, args),
                          batch_size=32,
                          features=features(args), cache_dir=f"{args.cache}/metrics")
 

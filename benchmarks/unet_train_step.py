@@ -17,7 +17,9 @@ cold-compile time is the wall time of its first two steps (forward+backward grap
 steps. Efficiency: FLOPs of one step from `torch.utils.flop_counter` (its table lacks the CPU SDPA kernels
 `_scaled_dot_product_flash_attention_for_cpu[_backward]`: registered here with the formulas of the other
 SDPA kernels) over the step time, as a share of the sgemm limit measured on this machine (a square fp32
-matmul at the same thread count; AdamW's element-wise work counts zero FLOPs).
+matmul at the same thread count; AdamW's element-wise work counts zero FLOPs). "% in kernels": the share of
+one profiled step's operator self time inside conv / GEMM / attention kernels (KERNEL_OPS), i.e. how close the
+step is to the time of its own compute kernels; the rest is what fusing the element-wise ops could remove.
 
     python benchmarks/unet_train_step.py [--threads 1] [--layers-per-block 1 2] [--rounds 8] [--modes eager compiled]
 """
@@ -45,6 +47,15 @@ from torch.utils.flop_counter import (  # noqa: E402
 
 from ldm.nets.unet import UNetModel  # noqa: E402
 
+# The compute kernels of a UNet step: convolutions, matmuls and attention (forward and backward). Everything
+# else (GroupNorm, SiLU, adds, copies, AdamW) is element-wise work a compiler could fuse away at best.
+KERNEL_OPS = frozenset({
+    "aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution", "aten::mm", "aten::addmm",
+    "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_backward", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_efficient_attention_backward",
+})
 WIDTHS = (64, 128)
 HEADS = 8
 CONTEXT_DIM = 128
@@ -174,6 +185,20 @@ class TrainStep:
             peak = max(peak, running)
         return peak + self._persistent_bytes()
 
+    def kernel_time_share(self) -> float:
+        """Share of one step's operator self time spent in the conv / GEMM / attention kernels (the profiler's
+        self CPU times, or CUDA times on a GPU): the step time a net built from these kernels could reach if
+        every element-wise op, copy and optimizer update were free, as a fraction of what it takes."""
+        activities = [ProfilerActivity.CUDA] if self.device.type == "cuda" else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            self()
+            self._sync()
+        totals = prof.key_averages()
+        attribute = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, attribute) for e in totals)
+        kernels = sum(getattr(e, attribute) for e in totals if e.key in KERNEL_OPS)
+        return kernels / total if total else float("nan")
+
     def _persistent_bytes(self) -> int:
         tensors = list(self.net.parameters()) + [
             v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
@@ -224,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
                 median_step_ms=1e3 * median, samples_per_s=args.batch_size / median,
                 peak_memory_mb=step.peak_memory_bytes() / 2**20,
                 gflop_per_step=step.flops / 1e9, percent_of_sgemm_limit=100 * step.flops / median / limit,
+                percent_in_kernels=100 * step.kernel_time_share(),
                 cold_compile_s=step.compile_seconds,
             ))
     return dict(
@@ -266,12 +292,14 @@ def print_table(report: dict) -> None:
           f"latent={setup['latent']} fp32; sgemm limit {setup['sgemm_limit_gflops']:.1f} GFLOP/s; "
           f"memory: {setup['memory_method']}")
     print(f"| {'contender':<10} | mode     | layers | {'params':>9} | step ms | samples/s | peak MB | GFLOP | "
-          "% sgemm | compile s |")
-    print("|------------|----------|--------|-----------|---------|-----------|---------|-------|---------|-----------|")
+          "% sgemm | % in kernels | compile s |")
+    print("|------------|----------|--------|-----------|---------|-----------|---------|-------|---------|"
+          "--------------|-----------|")
     for r in report["results"]:
         print(f"| {r['contender']:<10} | {r['mode']:<8} | {r['layers_per_block']:>6} | {r['parameters']:>9,} | "
               f"{r['median_step_ms']:>7.1f} | {r['samples_per_s']:>9.2f} | {r['peak_memory_mb']:>7.1f} | "
-              f"{r['gflop_per_step']:>5.2f} | {r['percent_of_sgemm_limit']:>6.1f}% | {r['cold_compile_s']:>9.1f} |")
+              f"{r['gflop_per_step']:>5.2f} | {r['percent_of_sgemm_limit']:>6.1f}% | {r['percent_in_kernels']:>11.1f}% | "
+              f"{r['cold_compile_s']:>9.1f} |")
     for ratio in report["ratios"]:
         if "speed_compiled_over_eager" in ratio:
             print(f"layers={ratio['layers_per_block']} {ratio['contender']}: speed compiled/eager = "

@@ -14,6 +14,7 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ldm.data.shapes import cell_box, render_sample_with_map
+from ldm.diffusion.consistency import back_project, paste_known
 from ldm.evaluation.tasks import evaluate_task, object_cell_masks
 from ldm.inference.tasks import sample_task
 from ldm.loading.checkpoints import load_latent_diffusion
@@ -191,10 +192,11 @@ def classifier(workdir) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("task, keys", [
     ("sr", ["psnr_sample", "psnr_bicubic", "ssim_sample", "ssim_bicubic", "fid_sample", "fid_bicubic",
-            "psnr_reconstruction"]),
+            "psnr_reconstruction", "psnr_sample_raw", "fid_sample_raw"]),
     ("inpaint", ["psnr_inside_sample", "l1_inside_sample", "psnr_inside_median_fill", "psnr_outside_sample",
                  "psnr_outside_reconstruction", "fid_sample", "object_fill_color", "object_removed_color",
-                 "psnr_outside_object_fill", "psnr_outside_object_reconstruction"]),
+                 "psnr_outside_object_fill", "psnr_outside_object_reconstruction", "psnr_outside_sample_raw",
+                 "fid_sample_raw", "psnr_outside_object_fill_raw"]),
     ("semantic", ["agreement_sample", "agreement_chance", "agreement_real", "object_agreement_sample"]),
 ])
 def test_evaluate_task_reports_metric_and_baseline(task, keys, checkpoints, classifier, workdir, tmp_path):
@@ -212,6 +214,10 @@ def test_evaluate_task_reports_metric_and_baseline(task, keys, checkpoints, clas
         assert grid.size == (2 + 3 * (RES + 2), 2 + 8 * (RES + 2))
     if task == "inpaint":  # the object-cell pass has its own grid
         assert (tmp_path / "object_grid.png").is_file()
+        assert metrics["psnr_outside_sample"] == 100.0  # the known pixels pasted back: exact (the cap)
+        assert metrics["psnr_outside_sample_raw"] < 100.0
+    if task == "sr":  # back-projection moves the sample towards the low-res input's image
+        assert metrics["psnr_sample"] > metrics["psnr_sample_raw"]
 
 
 # ---------------------------------------------------------------- the metrics themselves
@@ -277,3 +283,55 @@ def test_inpainting_keeps_the_known_latent_cells_unless_told_not_to(checkpoints)
     assert int(keep_cells.sum()) < keep_cells.numel()  # some cells generated, some kept
     assert torch.equal(finals[True] * keep_cells, known * keep_cells)  # dpmpp_2m lands on clean: exactly the latent
     assert not torch.allclose(finals[False] * keep_cells, known * keep_cells)
+
+
+# ---------------------------------------------------------------- pixel consistency
+def _bicubic_down(images, size):
+    return torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
+def test_back_projection_makes_the_image_explain_its_low_res_input_and_keeps_its_detail():
+    """Irani & Peleg: after back-projection, downsampling the image gives the low-res input (the degradation's
+    bicubic, PIL-like); the starting image's high frequencies survive (the result is not bicubic upsampling)."""
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    lowres = _bicubic_down(truth, (8, 8))
+    offset = 0.3 * torch.randn(2, 3, 1, 1, generator=generator)  # a "sample": right detail, off colours
+    start = truth + offset + 0.05 * torch.randn(2, 3, 32, 32, generator=generator)
+    projected = back_project(start, lowres)
+    assert (_bicubic_down(start, (8, 8)) - lowres).abs().mean() > 0.05
+    assert (_bicubic_down(projected, (8, 8)) - lowres).abs().mean() < 2e-3
+    upsampled = torch.nn.functional.interpolate(lowres, size=(32, 32), mode="bicubic", align_corners=False)
+    assert (projected - truth).pow(2).mean() < (upsampled - truth).pow(2).mean()  # detail kept, not blurred away
+    assert torch.allclose(back_project(truth, lowres), truth, atol=0.02)  # an image that explains it barely moves
+    with pytest.raises(ValueError, match="cannot be the high-res version"):
+        back_project(lowres, truth)
+
+
+def test_paste_known_takes_exactly_the_known_pixels_from_the_image():
+    images, known = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    pasted = paste_known(images, known, mask)
+    assert torch.equal(pasted[..., :2, :], images[..., :2, :]) and torch.equal(pasted[..., 2:, :], known[..., 2:, :])
+
+
+@pytest.mark.parametrize("task", ["inpaint", "sr"])
+def test_pixel_consistency_is_applied_by_generate_unless_turned_off(task, checkpoints):
+    """sampling.pixel_consistency (the default): an inpainting sample equals the image outside its mask; an SR
+    sample downsamples to its low-res input. false: the decoder's output as it is."""
+    model = load_latent_diffusion(checkpoints[task])
+    image = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    captions = ["a red square at the top", "a blue circle at the left"]
+    if task == "inpaint":
+        mask = torch.zeros(2, 1, RES, RES)
+        mask[:, :, 4:18, 6:21] = 1
+        batch = {"caption": captions, "image": image, "mask": mask}
+        error = lambda out: float((out - image).mul(1 - mask).abs().max())  # noqa: E731
+    else:
+        lowres = _bicubic_down(image, (RES // 4, RES // 4))
+        batch = {"lowres": lowres}
+        error = lambda out: float((_bicubic_down(out, (RES // 4, RES // 4)) - lowres).abs().mean())  # noqa: E731
+    on = model.generate(batch, sampler="dpmpp_2m", steps=2, cfg_scale=3.0, image_size=RES)
+    off = model.generate(batch, sampler="dpmpp_2m", steps=2, cfg_scale=3.0, image_size=RES, pixel_consistency=False)
+    assert error(on) < (1e-6 if task == "inpaint" else 0.02) < error(off)

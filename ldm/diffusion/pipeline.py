@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ldm.diffusion.consistency import enforce_condition
 from ldm.diffusion.samplers import (
     ModelFn,
     StepCallback,
@@ -125,7 +126,8 @@ class LatentPipeline:
             init_latent=init_latent, strength=strength, progress=progress, callback=callback, device=self.device,
             known=self.known_region(batch) if settings.keep_known else None, **settings.sample_kwargs(),
         )
-        return self.decode(latents).clamp(-1, 1)
+        images = self.decode(latents).clamp(-1, 1)
+        return enforce_condition(images, batch) if settings.pixel_consistency else images
 
     def known_region(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
         """For an inpainting batch ("image" and "mask", 1 = fill): the latent of the masked image (posterior mode,

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 
 from ldm.diffusion.samplers import SAMPLERS, TIMESTEP_SPACINGS
 
+# Settings the pipeline applies around the sampler rather than passing to it.
+PIPELINE_ONLY = ("seed", "keep_known", "pixel_consistency")
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -22,7 +25,10 @@ class SamplerSettings:
     "trailing" starts at t = T - 1, which a zero-terminal-SNR model needs to start from pure noise, Lin et
     al. 2024 Sec. 3.3). `guidance_rescale` is Lin et al.'s phi (Sec. 3.4; 0 = off, they use 0.7). `keep_known`
     (inpainting only): after every step the latent cells outside the mask are reset to the known image's latent
-    at that step's noise level (`ldm.diffusion.samplers.impose_known`); false samples from the model alone."""
+    at that step's noise level (`ldm.diffusion.samplers.impose_known`); false samples from the model alone.
+    `pixel_consistency` (inpainting and SR): the decoded image is projected onto what its condition fixes, the
+    known pixels pasted back or the low-res input back-projected (`ldm.diffusion.consistency`); false returns the
+    decoder's output as it is."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -33,6 +39,7 @@ class SamplerSettings:
     steps_offset: int = 1
     guidance_rescale: float = 0.0
     keep_known: bool = True
+    pixel_consistency: bool = True
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -65,7 +72,7 @@ class SamplerSettings:
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `ldm.diffusion.samplers.sample` these settings fix (not the seed: it
         becomes the per-sample generators)."""
-        return {key: value for key, value in asdict(self).items() if key not in ("seed", "keep_known")}
+        return {key: value for key, value in asdict(self).items() if key not in PIPELINE_ONLY}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Any, Mapping
 
 import hydra
@@ -32,6 +33,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.shapes import cell_box, parse_caption_objects
+from ldm.diffusion.consistency import enforce_condition
 from ldm.diffusion.settings import SamplerSettings
 from ldm.evaluation.evaluate import (
     EvaluationOptions,
@@ -94,7 +96,7 @@ def evaluate_task(
     datamodule.prepare_data()
     datamodule.setup("validate")
     rows = _val_rows(datamodule, num_samples)
-    samples = _sample_rows(model, rows, settings, batch_size, autocast_dtype(precision))
+    samples, raw = _sample_rows(model, rows, settings, batch_size, autocast_dtype(precision))
     references = images_to_uint8(rows["image"])
     options = EvaluationOptions(features=dict(features) if isinstance(features, Mapping) else {"name": features or "auto"},
                                 k=k, density_k=density_k, num_real=num_real, cache_dir=cache_dir,
@@ -114,7 +116,8 @@ def evaluate_task(
         bicubic = images_to_uint8(F.interpolate(rows["lowres"], size=references.shape[-2:], mode="bicubic",
                                                 align_corners=False).clamp(-1, 1))
         reconstruction = images_to_uint8(_reconstruct(model, rows["image"]))  # the ceiling of a latent model
-        for name, images in (("sample", samples), ("bicubic", bicubic), ("reconstruction", reconstruction)):
+        contenders = (("sample", samples), ("sample_raw", raw), ("bicubic", bicubic), ("reconstruction", reconstruction))
+        for name, images in ((name, images) for name, images in contenders if images is not None):
             found = distribution(images)
             metrics.update({f"psnr_{name}": _mean(psnr(images, references)), f"ssim_{name}": _mean(ssim(images, references)),
                             f"fid_{name}": found["fid"]})
@@ -130,13 +133,17 @@ def evaluate_task(
             "l1_inside_median_fill": _mean(l1(median_fill, references, mask)),
             "psnr_outside_sample": _mean(psnr(samples, references, 1 - mask)),
             "psnr_outside_reconstruction": _mean(psnr(reconstruction, references, 1 - mask)),
+            **({} if raw is None else {"psnr_outside_sample_raw": _mean(psnr(raw, references, 1 - mask)),
+                                       "fid_sample_raw": distribution(raw)["fid"]}),
             "mask_fraction": float(mask.mean()), "fid_sample": found["fid"], "fid_name": found["fid_name"],
             **{key: value for key, value in found.items() if key.startswith("prompt_fidelity")},
         })
         if captions is not None:  # shapes: hide the object itself and ask the caption to bring it back
             object_rows = {**rows, "mask": object_cell_masks(rows["caption"], mask)}
-            object_samples = _sample_rows(model, object_rows, settings, batch_size, autocast_dtype(precision))
+            object_samples, object_raw = _sample_rows(model, object_rows, settings, batch_size, autocast_dtype(precision))
             metrics.update(_object_fill_metrics(object_samples, references, object_rows["mask"], captions, distribution))
+            if object_raw is not None:
+                metrics["psnr_outside_object_fill_raw"] = _mean(psnr(object_raw, references, 1 - object_rows["mask"]))
             metrics["psnr_outside_object_reconstruction"] = _mean(psnr(reconstruction, references, 1 - object_rows["mask"]))
             _save_triples(os.path.join(out, "object_grid.png"), model, object_rows, object_samples, references)
     else:
@@ -170,17 +177,22 @@ def _val_rows(datamodule: Any, limit: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def _sample_rows(model: Any, rows: dict[str, Any], settings: SamplerSettings, batch_size: int,
-                 dtype: torch.dtype | None) -> torch.Tensor:
-    """uint8 samples for every row's conditions; row i seeded with settings.seed + i."""
+                 dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 samples for every row's conditions (row i seeded with settings.seed + i) as `settings` make them, and,
+    when they apply pixel consistency, the decoder's own output before it (else None): one sampling run for both."""
     keys = {"caption", "class_label", "lowres", "image", "mask", "semantic_map"} & set(rows)
     size = tuple(rows["image"].shape[-2:])
-    outputs = []
+    model_only = replace(settings, pixel_consistency=False)
+    outputs, raw_outputs = [], []
     for start in range(0, len(rows["image"]), batch_size):
         batch = {key: rows[key][start:start + batch_size] for key in keys}
         with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-            images = model.generate(batch, settings=settings, seed_offset=start, image_size=size)
-        outputs.append(images_to_uint8(images.cpu()))
-    return torch.cat(outputs)
+            images = model.generate(batch, settings=model_only, seed_offset=start, image_size=size).float().cpu()
+        raw_outputs.append(images_to_uint8(images))
+        outputs.append(images_to_uint8(enforce_condition(images, batch)))
+    if not settings.pixel_consistency:
+        return torch.cat(raw_outputs), None
+    return torch.cat(outputs), torch.cat(raw_outputs)
 
 
 @torch.no_grad()
