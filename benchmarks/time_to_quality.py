@@ -81,7 +81,7 @@ def step_cost_difference_ms(path: Path) -> tuple[float | None, dict[str, Any] | 
     report = json.loads(path.read_text())
     totals = {(r["data"], r["vocabulary"]): r["total_ms"] for r in report["results"]}
     before, after = totals[("images", "full")], totals[("latents", "data")]
-    return before - after, {"before_ms": before, "after_ms": after, "threads": report.get("threads"), "file": str(path)}
+    return before - after, {"before_ms": before, "after_ms": after, "threads": report["setup"].get("threads"), "file": str(path)}
 
 
 def minutes_to(rows: list[dict[str, Any]], head: str, level: float, key: str) -> float | None:

@@ -22,12 +22,13 @@ def test_checkpoint_minutes_are_file_write_times_after_the_start(tmp_path):
 
 
 def test_before_column_adds_the_measured_step_cost_difference(tmp_path):
-    report = {"threads": 2, "results": [
+    report = {"setup": {"threads": 2}, "results": [  # the layout benchmarks/train_step.py writes
         {"data": "images", "vocabulary": "full", "total_ms": 900.0}, {"data": "images", "vocabulary": "data", "total_ms": 850.0},
         {"data": "latents", "vocabulary": "full", "total_ms": 800.0}, {"data": "latents", "vocabulary": "data", "total_ms": 750.0}]}
     (tmp_path / "train_step.json").write_text(json.dumps(report))
     difference, source = step_cost_difference_ms(tmp_path / "train_step.json")
     assert difference == 150.0 and source["before_ms"] == 900.0 and source["after_ms"] == 750.0
+    assert source["threads"] == 2
     assert step_cost_difference_ms(tmp_path / "missing.json") == (None, None)
 
 
