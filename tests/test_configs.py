@@ -162,6 +162,11 @@ def test_one_sampling_group_feeds_grids_evaluation_and_after_training():
     paper = compose_train(["experiment=quickstart_paper"])
     assert SamplerSettings.of(OmegaConf.to_container(paper.sampling)) == SamplerSettings("dpmpp_2m", 20, cfg_scale=3.0)
     assert (paper.model.prediction_type, paper.model.schedule.zero_terminal_snr) == ("eps", False)
+    for experiment, expected in (("ldm_semantic_f4", ("v", True, "trailing", 0)),
+                                 ("ldm_semantic_f4_paper", ("eps", False, "leading", 1))):
+        semantic = compose_train([f"experiment={experiment}"])
+        assert (semantic.model.prediction_type, semantic.model.schedule.zero_terminal_snr,
+                semantic.sampling.timestep_spacing, semantic.sampling.steps_offset) == expected
     assert SamplerSettings.of(OmegaConf.to_container(
         compose_train(["experiment=ldm_f8_text"]).sampling)) == SamplerSettings()  # the group's default = the class's
 
