@@ -189,7 +189,8 @@ def _sample_rows(model: Any, rows: dict[str, Any], settings: SamplerSettings, ba
         with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
             images = model.generate(batch, settings=model_only, seed_offset=start, image_size=size).float().cpu()
         raw_outputs.append(images_to_uint8(images))
-        outputs.append(images_to_uint8(enforce_condition(images, batch)))
+        if settings.pixel_consistency:
+            outputs.append(images_to_uint8(enforce_condition(images, batch)))
     if not settings.pixel_consistency:
         return torch.cat(raw_outputs), None
     return torch.cat(outputs), torch.cat(raw_outputs)
