@@ -32,10 +32,12 @@ from ldm.training.pipeline import train
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"sr": ("ldm_sr_f4", "sr"), "inpaint_f4": ("ldm_inpaint_f4", "inpaint"),
-         "inpaint_f8": ("ldm_inpaint_f8", "inpaint"), "semantic": ("ldm_semantic_f4", "semantic")}
+         "inpaint_f8": ("ldm_inpaint_f8", "inpaint"), "semantic": ("ldm_semantic_f4", "semantic"),
+         "inpaint_quickstart": ("quickstart_inpaint", "inpaint")}  # with init_from=<a quickstart run's checkpoint>
 # Per-task training overrides at CPU budgets. Semantic synthesis keeps CompVis' widths at every size ([1, 4, 8]:
 # 512 channels at the lowest level, 4x the quickstart UNet's step), which in 15 CPU minutes trains ~300 steps and
 # samples noise (measured: object agreement 0.10); the report trains it with the quickstart's [1, 2, 2].
+FROM_TEXT_TO_IMAGE = ("inpaint_quickstart",)  # not in the default --tasks: they need --init-from
 TASK_OVERRIDES = {"semantic": ["model.unet.channel_mult=[1,2,2]"]}
 ROWS = {  # task kind -> (metric, baseline, what the baseline is)
     "sr": [("psnr_sample", "psnr_bicubic", "bicubic"), ("ssim_sample", "ssim_bicubic", "bicubic"),
@@ -65,7 +67,7 @@ def minutes_string(minutes: float) -> str:
 
 def train_task(name: str, experiment: str, args: argparse.Namespace, out: Path) -> tuple[str, float, bool]:
     overrides = [
-        f"experiment={experiment}", f"size={args.size}", "~callbacks.sample_grid", "logger=csv",
+        f"experiment={experiment}", f"size={args.size}", "~callbacks.sample_grid", "~after_training", "logger=csv",
         f"paths.output_dir={out / 'runs' / experiment}", f"paths.log_dir={out / 'outputs'}",
         f"paths.cache_dir={args.cache}", f"paths.data_dir={args.data}", f"data.num_workers={args.workers}",
         f"trainer.max_steps={args.max_steps}", f"+trainer.max_time={minutes_string(args.minutes)}",
@@ -73,7 +75,7 @@ def train_task(name: str, experiment: str, args: argparse.Namespace, out: Path) 
         (f"first_stage.overrides=['trainer.max_steps={args.ae_max_steps}',"
          f"'+trainer.max_time={minutes_string(args.ae_minutes)}',"
          "'trainer.val_check_interval=1000000','trainer.limit_val_batches=0']"),
-        *TASK_OVERRIDES.get(name, []), *args.overrides,
+        *TASK_OVERRIDES.get(name, []), *init_overrides(name, args), *args.overrides,
     ]
     stage_one_dir = Path(args.cache) / "first_stage"
     before = set(os.listdir(stage_one_dir)) if stage_one_dir.is_dir() else set()
@@ -83,6 +85,19 @@ def train_task(name: str, experiment: str, args: argparse.Namespace, out: Path) 
     minutes = (time.perf_counter() - start) / 60
     trained_stage_one = bool(set(os.listdir(stage_one_dir)) - before) if stage_one_dir.is_dir() else False
     return result.last_ckpt, minutes, trained_stage_one
+
+
+def init_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    """inpaint_quickstart starts from a text-to-image quickstart run (`--init-from`) and keeps its autoencoder
+    (`--init-first-stage`: the stage-1 checkpoint that run was trained on), as a user's quickstart_inpaint run
+    finds it in .cache/; `--init-from none` trains the same model from scratch (the ablation's other arm)."""
+    if name not in FROM_TEXT_TO_IMAGE:
+        return []
+    if not args.init_from or not args.init_first_stage:
+        raise SystemExit(f"--tasks {name} needs --init-from (a quickstart checkpoint, or none) and --init-first-stage "
+                         "(that run's stage-1 checkpoint: model.first_stage_ckpt in its config_resolved.yaml).")
+    found = [f"model.first_stage_ckpt={args.init_first_stage}"]
+    return found if args.init_from == "none" else [*found, f"init_from={args.init_from}"]
 
 
 SMOKE = {"minutes": 1.0, "ae_minutes": 1.0, "max_steps": 2, "ae_max_steps": 2, "num_samples": 8, "sample_steps": 2,
@@ -132,7 +147,11 @@ def _fmt(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(name for name in TASKS if name not in FROM_TEXT_TO_IMAGE),
+                        help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--init-from", default=None,
+                        help="inpaint_quickstart: the quickstart checkpoint to start from ('none': from scratch)")
+    parser.add_argument("--init-first-stage", default=None, help="inpaint_quickstart: that run's stage-1 checkpoint")
     parser.add_argument("--minutes", type=float, default=15.0, help="stage-2 training budget per task")
     parser.add_argument("--ae-minutes", type=float, default=5.0, help="budget of each stage-1 autoencoder")
     parser.add_argument("--max-steps", type=int, default=1_000_000, help="stage-2 step cap (smoke runs: 2)")

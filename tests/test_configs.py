@@ -203,3 +203,21 @@ def test_image_conditioned_tasks_share_one_first_stage():
                   for name in ("ldm_f4_text", "ldm_sr_f4", "ldm_inpaint_f4", "ldm_semantic_f4")}
     assert len({config_hash(cfg) for cfg in stage1.values()}) == 1
     assert "degradations" not in stage1["ldm_sr_f4"].data and "semantic_map" not in stage1["ldm_semantic_f4"].data
+
+
+def test_quickstart_inpaint_is_the_quickstart_model_with_the_masked_image_concatenated():
+    """init_from a quickstart run needs the same UNet, text encoder, schedule and autoencoder (the stage-1 cache
+    key is the quickstart's, so a user's run reuses the one already trained); only the concat condition is new."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        text, inpaint = (compose(config_name="train", overrides=[f"experiment={name}"])
+                         for name in ("quickstart", "quickstart_inpaint"))
+        assert config_hash(first_stage_config(text)) == config_hash(first_stage_config(inpaint))
+    text_model, inpaint_model = (OmegaConf.to_container(cfg.model, resolve=True) for cfg in (text, inpaint))
+    assert inpaint_model["conditioner"]["parts"]["text"] == text_model["conditioner"]
+    assert inpaint_model["conditioner"]["drop"] == ["text"]  # guidance drops the caption, never the image
+    assert {key: value for key, value in inpaint_model.items() if key != "conditioner"} == {
+        key: value for key, value in text_model.items() if key != "conditioner"}
+    assert inpaint.sampling == text.sampling and inpaint.data.degradations.mask.weights.box == 1.0
+    assert inpaint.after_training.samples is None  # the quickstart's text-only grid cannot sample an inpainting model
+    assert (inpaint.after_training.evaluation._target_, inpaint.after_training.evaluation.task) == (
+        "ldm.evaluation.tasks.evaluate_task", "inpaint")

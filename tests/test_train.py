@@ -116,3 +116,21 @@ def test_command_line_bad_key_exits_nonzero(tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "chanels" in proc.stderr
+
+
+CALLS: list[dict] = []
+
+
+def record_call(**kwargs) -> None:
+    CALLS.append(kwargs)
+
+
+def test_after_training_calls_each_action_and_skips_the_switched_off_ones(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ldm.training.pipeline import run_after_training
+
+    CALLS.clear()
+    actions = OmegaConf.create({"samples": None, "evaluation": {"_target_": f"{__name__}.record_call", "task": "x"}})
+    run_after_training(actions, "run/last.ckpt", str(tmp_path))
+    assert CALLS == [{"task": "x", "ckpt": "run/last.ckpt", "out": os.path.join(str(tmp_path), "evaluation")}]

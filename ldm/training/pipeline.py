@@ -110,8 +110,11 @@ def check_gradient_clipping(model: pl.LightningModule, trainer_cfg: DictConfig) 
 
 def run_after_training(actions: DictConfig | None, ckpt: str, output_dir: str) -> None:
     """Call each `after_training.<name>` target with the final checkpoint and `<run dir>/<name>`
-    (the quickstart samples a grid and evaluates it this way)."""
+    (the quickstart samples a grid and evaluates it this way); a null entry is switched off (an experiment
+    built on the quickstart's drops its text-only grid with `samples: null`)."""
     for name, action in (actions or {}).items():
+        if action is None:
+            continue
         out = os.path.join(output_dir, name)
         log.info("after training: %s -> %s", name, out)
         hydra.utils.call(action, ckpt=ckpt, out=out)
