@@ -6,6 +6,9 @@ baseline (ldm/evaluation/tasks.py), with the minutes spent training.
     python benchmarks/tasks_report.py --smoke --out /tmp/tasks_smoke   # the whole path in minutes: 2 steps per stage,
                                          # 8 samples of 2 steps, a 20-step shapes classifier (numbers meaningless)
     python benchmarks/tasks_report.py --evaluate-only    # today's evaluation of the checkpoints in <out>/report.json
+    python benchmarks/tasks_report.py --tasks inpaint_quickstart --init-from CKPT --init-first-stage AE
+                                         # inpainting started from a quickstart run (CKPT) on its autoencoder (AE);
+                                         # --init-from none: the same model from scratch
 
 Per task: `train.py experiment=<task> size=small` with `trainer.max_time` = the budget (the stage-1 autoencoders,
 trained first with their own budget, are shared by the f=4 tasks), then `evaluate.py task=...` on the val split

@@ -153,3 +153,12 @@ def test_semantic_map_follows_the_image_crop_and_flip(tmp_path):
     column_values = ((batch["image"][:, 0, 8] + 1) * 127.5)  # (B, 16): one row of the grey gradient
     source_column = column_values / 5  # the 48-px column it came from
     assert (torch.abs(batch["semantic_map"][:, 0, 8] - source_column // 6) <= 1).float().mean() > 0.9
+
+
+def test_full_masks_hide_everything_and_are_off_by_default():
+    assert RandomMask(weights={"full": 1.0})(16, random.Random(0)).all()
+    default = RandomMask()
+    assert "full" not in default.kinds and all(not default(16, random.Random(i)).all() for i in range(50))
+    quarter = RandomMask(weights={"box": 1.0, "stroke": 1.0, "outpaint": 1.0, "full": 1.0})
+    share = sum(bool(quarter(16, random.Random(i)).all()) for i in range(400)) / 400
+    assert 0.18 < share < 0.32  # SD-inpainting's 25 % of wholly masked samples

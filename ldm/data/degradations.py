@@ -9,8 +9,8 @@ resumed, and the val split gets the same ones in every evaluation. Fields (docs/
 - `lowres` uint8 (3, R/f, R/f): the crop blurred (optional), bicubic-downsampled by f (PIL's bicubic filter
   widens with the factor, i.e. antialiased, as SR3 / LDM-SR's "bicubic degradation"), noised and JPEG-compressed
   (optional);
-- `mask` uint8 (1, R, R), 1 = the region to fill, 0 = known: one of a box, brush strokes or an outpainting
-  border, chosen by `weights`.
+- `mask` uint8 (1, R, R), 1 = the region to fill, 0 = known: one of a box, brush strokes, an outpainting
+  border or the whole image (`full`, off by default), chosen by `weights`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFilter
 
-MASK_KINDS = ("box", "stroke", "outpaint")
+MASK_KINDS = ("box", "stroke", "outpaint", "full")
+DEFAULT_MASK_WEIGHTS = {"box": 1.0, "stroke": 1.0, "outpaint": 1.0}  # `full` only when asked for
 FIELDS = ("lowres", "mask")
 
 
@@ -86,13 +87,16 @@ class SuperResolutionDegradation:
 
 class RandomMask:
     """Random inpainting masks (1 = fill): a box covering `box_area` of the image; 1-`max_strokes` brush
-    strokes (polylines of 2-5 segments, width `stroke_width` of the side); or an outpainting border of
-    `border` of the side on a random non-empty set of the four sides. `weights` (per kind) choose the kind."""
+    strokes (polylines of 2-5 segments, width `stroke_width` of the side); an outpainting border of `border` of
+    the side on a random non-empty set of the four sides; or the whole image (`full`: SD-inpainting's training
+    masked everything in 25 % of its samples, so the model also generates from the caption alone and every such
+    sample teaches the caption, where a partial mask often leaves the object visible:
+    benchmarks/inpaint_mask_coverage.py). `weights` (per kind) choose the kind."""
 
     def __init__(self, weights: Mapping[str, float] | None = None, box_area: Sequence[float] = (0.1, 0.4),
                  max_strokes: int = 3, stroke_width: Sequence[float] = (0.06, 0.15),
                  border: Sequence[float] = (0.15, 0.4)) -> None:
-        weights = dict(weights or {kind: 1.0 for kind in MASK_KINDS})
+        weights = dict(weights or DEFAULT_MASK_WEIGHTS)
         unknown = sorted(set(weights) - set(MASK_KINDS))
         if unknown or not any(w > 0 for w in weights.values()) or any(w < 0 for w in weights.values()):
             raise ValueError(f"mask weights must be non-negative numbers for {MASK_KINDS}, at least one positive; "
@@ -136,6 +140,9 @@ class RandomMask:
             draw.line(points, fill=255, width=width)
             for x, y in points:  # round joints
                 draw.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=255)
+
+    def _full(self, draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+        draw.rectangle([0, 0, size - 1, size - 1], fill=255)
 
     def _outpaint(self, draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
         sides = [side for side in ("left", "top", "right", "bottom") if rng.random() < 0.5] or [rng.choice(
