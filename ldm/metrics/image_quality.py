@@ -35,10 +35,13 @@ def pooled_psnr(images: Tensor, references: Tensor, mask: Tensor | None = None) 
     and comparable when some images are reproduced exactly (a median fill of a flat background gives +inf on
     every mask that misses the object)."""
     squared = (to_unit(images) - to_unit(references)).pow(2)
-    if mask is None:
-        return float(-10.0 * torch.log10(squared.mean()))
-    weights = mask.double().expand_as(squared)
-    return float(-10.0 * torch.log10((squared * weights).sum() / weights.sum().clamp(min=1.0)))
+    side_by_side = _side_by_side(squared)  # the batch as one image: one masked mean over every pixel
+    return float(-10.0 * torch.log10(_masked_mean(side_by_side, None if mask is None else _side_by_side(mask))))
+
+
+def _side_by_side(images: Tensor) -> Tensor:
+    """(B, C, H, W) -> (1, C, H, B * W): the images next to each other."""
+    return images.permute(1, 2, 0, 3).reshape(1, images.shape[1], images.shape[2], -1)
 
 
 def l1(images: Tensor, references: Tensor, mask: Tensor | None = None) -> Tensor:
