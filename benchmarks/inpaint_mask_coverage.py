@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ldm.data.degradations import MASK_KINDS, RandomMask
+from ldm.data.degradations import MASK_KINDS, RandomMask, degrade
 from ldm.data.shapes import render_sample_with_map
 
 HIDDEN = 0.9  # at least this share of the object's pixels masked: its colour and shape are gone from the input
@@ -27,13 +26,14 @@ HIDDEN = 0.9  # at least this share of the object's pixels masked: its colour an
 
 def object_coverage(kind: str | None, samples: int, resolution: int, seed: int) -> np.ndarray:
     """The share of each drawn object's pixels that the mask covers (kind None: the loader's default mixture)."""
-    masks = RandomMask(weights=None if kind is None else {kind: 1.0})
+    masks = {"mask": RandomMask(weights=None if kind is None else {kind: 1.0})}
     shapes_rng = np.random.default_rng(seed)
     shares = []
     for index in range(samples):
-        _, _, semantic = render_sample_with_map(shapes_rng, resolution, num_objects=1)
+        image, _, semantic = render_sample_with_map(shapes_rng, resolution, num_objects=1)
         objects = torch.from_numpy(np.array(semantic)) > 0
-        mask = masks(resolution, random.Random(f"{seed}/0/{index}/mask"))[0].bool()  # the loader's seeding scheme
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        mask = degrade(pixels, masks, seed, epoch=0, key=str(index))["mask"][0].bool()  # as the loader draws it
         shares.append(float((mask & objects).sum()) / max(1, int(objects.sum())))
     return np.asarray(shares)
 
